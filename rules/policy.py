@@ -1,0 +1,77 @@
+"""Recovery policies (contracts.md §2): which RPO and test cadence applies to which VM.
+
+Policies are matched in order, first match wins, and resolved for a whole frame of VMs with one
+`when/then` chain, so a batch of a million VMs costs one expression, not a loop.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+DAY_S = 86_400.0
+
+
+class PolicyMatch(BaseModel):
+    """Shell-style patterns (`*`, `?`, `[ab]`); an absent key matches everything."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vm: str | None = None
+    service_group: str | None = None
+    hci_cluster: str | None = None
+    technology: str | None = None
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    match: PolicyMatch = PolicyMatch()
+    replication_rpo_seconds: float | None = Field(
+        default=None, gt=0, description="None: twice the VM's replication interval"
+    )
+    backup_rpo_seconds: float = Field(default=DAY_S, gt=0)
+    failover_test_max_age_seconds: float = Field(default=31 * DAY_S, gt=0)
+    restore_test_max_age_seconds: float = Field(default=90 * DAY_S, gt=0)
+
+
+DEFAULT_POLICY = Policy(name="default")
+
+# Columns of the VM tables that patterns are matched against.
+_MATCH_COLUMNS = {
+    "vm": "vm_id",
+    "service_group": "service_group",
+    "hci_cluster": "cluster_id",
+    "technology": "technology",
+}
+
+
+def _matches(match: PolicyMatch, available: set[str]) -> pl.Expr:
+    cond = pl.lit(True)
+    for key, column in _MATCH_COLUMNS.items():
+        pattern = getattr(match, key)
+        if pattern is None:
+            continue
+        if column not in available:
+            cond = cond & pl.lit(False)
+            continue
+        regex = fnmatch.translate(pattern)
+        cond = cond & pl.col(column).cast(pl.String).str.contains(regex).fill_null(False)
+    return cond
+
+
+def resolve(
+    policies: tuple[Policy, ...], columns: set[str], attribute: str, fallback: pl.Expr
+) -> pl.Expr:
+    """The policy value `attribute` for each row, first match wins; `fallback` where no policy
+    matches or the matching policy leaves it unset (None)."""
+    expr: pl.Expr = fallback
+    # Built back to front so that the first policy is the outermost `when`.
+    for policy in reversed(policies):
+        value = getattr(policy, attribute)
+        then = fallback if value is None else pl.lit(float(value))
+        expr = pl.when(_matches(policy.match, columns)).then(then).otherwise(expr)
+    return expr
