@@ -88,7 +88,10 @@ def _read_text_columns(stream: Stream, lines: bytes) -> pl.DataFrame:
 
 def _fast_read(stream: Stream, payloads: Sequence[bytes], limits: DecodeLimits) -> pl.DataFrame | None:
     """All payloads as text columns in one read, or None when the batch needs the slow path."""
-    if any(len(p) > limits.max_payload_bytes for p in payloads):
+    # read_ndjson would take a JSON array or scalar line as an all-null row, so anything that
+    # does not start as an object goes to the slow path (leading whitespace there is fine).
+    limit = limits.max_payload_bytes
+    if any(len(p) > limit or p[:1] != b"{" for p in payloads):
         return None
     buf = b"\n".join(payloads)
     if buf.count(b"\n") != len(payloads) - 1:

@@ -6,7 +6,7 @@ Policies are matched in order, first match wins, and resolved for a whole frame 
 
 from __future__ import annotations
 
-import fnmatch
+import re
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,7 +15,8 @@ DAY_S = 86_400.0
 
 
 class PolicyMatch(BaseModel):
-    """Shell-style patterns (`*`, `?`, `[ab]`); an absent key matches everything."""
+    """Shell-style patterns (`*` any run of characters, `?` one character); an absent key
+    matches everything."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,6 +50,12 @@ _MATCH_COLUMNS = {
 }
 
 
+def glob_regex(pattern: str) -> str:
+    """An anchored regex for a glob (fnmatch.translate's output is Python-only, not polars')."""
+    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return "^" + "".join(parts) + "$"
+
+
 def _matches(match: PolicyMatch, available: set[str]) -> pl.Expr:
     cond = pl.lit(True)
     for key, column in _MATCH_COLUMNS.items():
@@ -58,7 +65,7 @@ def _matches(match: PolicyMatch, available: set[str]) -> pl.Expr:
         if column not in available:
             cond = cond & pl.lit(False)
             continue
-        regex = fnmatch.translate(pattern)
+        regex = glob_regex(pattern)
         cond = cond & pl.col(column).cast(pl.String).str.contains(regex).fill_null(False)
     return cond
 

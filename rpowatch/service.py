@@ -1,0 +1,208 @@
+"""The service: sources → decode → engine → snapshot, /metrics, Alertmanager.
+
+The only place that knows ingest/, rules/ and exporters/. CPU work (decode, apply, tick) runs in
+a thread pool so Kafka heartbeats and scrapes stay responsive; polars releases the GIL.
+
+Per batch, in this order (at-least-once; every step is idempotent on replay):
+  1. decode and validate the whole batch;
+  2. apply the valid rows to the engine's state;
+  3. hand the rejects to the dead-letter sink (retried until it takes them);
+  4. commit the batch's positions at the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from exporters.alertmanager import AlertmanagerSender
+from exporters.http import bound_port, make_app, start_http
+from exporters.metrics import RpowatchCollector, make_evaluation_histogram
+from exporters.snapshot import SelfCounters, Snapshot, SnapshotHolder
+from ingest.decode import DecodeLimits, decode_batch
+from ingest.source import Batch, DeadLetterSink, Source
+from rpowatch.config import Settings
+from rules.engine import Engine, EngineSettings, TickResult
+from rules.pack import RulePack
+
+logger = logging.getLogger(__name__)
+
+DEAD_LETTER_RETRY_MAX_S = 30.0
+
+
+def engine_settings(settings: Settings) -> EngineSettings:
+    return EngineSettings(
+        heartbeat_timeout_s=settings.evaluation.heartbeat_timeout,
+        dedupe_window_s=settings.evaluation.dedupe_window,
+        resolved_retention_s=settings.alertmanager.resolved_retention,
+        at_risk_ratio=settings.evaluation.at_risk_ratio,
+        policies=settings.effective_policies(),
+        link_capacity_bytes_per_s=tuple((c.hci_cluster, c.target, c.bytes_per_s) for c in settings.link_capacities),
+    )
+
+
+@dataclass
+class Service:
+    settings: Settings
+    pack: RulePack
+    sources: list[Source]
+    dead_letters: DeadLetterSink
+    clock: Callable[[], float] = time.time
+    on_tick: Callable[[TickResult], None] | None = None
+
+    engine: Engine = field(init=False)
+    holder: SnapshotHolder = field(init=False)
+    counters: SelfCounters = field(init=False)
+    registry: CollectorRegistry = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.engine = Engine(self.pack, engine_settings(self.settings))
+        self.holder = SnapshotHolder()
+        self.counters = SelfCounters()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(RpowatchCollector(self.holder, export_per_vm=self.settings.export.per_vm))
+        self._evaluation = make_evaluation_histogram(self.registry)
+        self._limits = DecodeLimits(
+            max_payload_bytes=self.settings.ingest.max_payload_bytes,
+            max_future_skew_ms=int(self.settings.evaluation.max_future_skew * 1000),
+        )
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rpowatch-cpu")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._sender: AlertmanagerSender | None = None
+        self._send_task: asyncio.Task[None] | None = None
+        self._ticked = False
+        self.port: int | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        http = self.settings.http
+        app = make_app(self.holder, self.registry, self.readiness)
+        self._runner = await start_http(app, http.host, http.port)
+        self.port = bound_port(self._runner)
+        base = http.external_url or f"http://{http.host}:{self.port}"
+        if self.settings.alertmanager.urls:
+            self._session = aiohttp.ClientSession()
+            am = self.settings.alertmanager
+            self._sender = AlertmanagerSender(
+                urls=list(am.urls),
+                session=self._session,
+                counters=self.counters,
+                evaluation_interval_s=self.settings.evaluation.interval,
+                resend_delay_s=am.resend_delay,
+                timeout_s=am.timeout,
+                generator_url_base=base,
+            )
+        for source in self.sources:
+            self.counters.set_source_up(source.name, False)
+            self._tasks.append(asyncio.create_task(self._consume(source), name=f"consume-{source.name}"))
+        self._tasks.append(asyncio.create_task(self._tick_loop(), name="tick"))
+        logger.info("rpowatch serving on %s (metrics at %s/metrics)", base, base)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._send_task is not None:
+            await asyncio.gather(self._send_task, return_exceptions=True)
+        for source in self.sources:
+            await source.close()
+        await self.dead_letters.close()
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self._ticked:
+            return False, "no evaluation yet"
+        down = [s.name for s in self.sources if not s.up]
+        if down:
+            return False, f"source not connected: {', '.join(down)}"
+        return True, "ready"
+
+    # --- ingest ------------------------------------------------------------------------------
+
+    async def _consume(self, source: Source) -> None:
+        async for batch in source.batches():
+            await self.handle(batch)
+            await source.commit(batch)
+
+    async def handle(self, batch: Batch) -> None:
+        """Decode, apply and dead-letter one batch (steps 1–3 above)."""
+        loop = asyncio.get_running_loop()
+        self.counters.mark_source_event(batch.source, time.time())
+        decoded = await loop.run_in_executor(
+            self._executor, decode_batch, batch.stream, batch.payloads, batch.received_at_ms, self._limits
+        )
+        now_ms = int(self.clock() * 1000)
+        await loop.run_in_executor(self._executor, self.engine.apply, batch.stream, decoded.valid, now_ms)
+        self.counters.count_events(batch.stream.value, batch.source, decoded.valid.height)
+        if decoded.rejects.height:
+            for reason, count in decoded.rejects.group_by("reason").len().iter_rows():
+                self.counters.count_invalid(batch.stream.value, reason, count)
+            logger.debug("%d invalid %s records from %s", decoded.rejects.height, batch.stream.value, batch.source)
+            await self._dead_letter(batch, decoded.rejects)
+
+    async def _dead_letter(self, batch: Batch, rejects: object) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.dead_letters.send(batch, rejects)  # type: ignore[arg-type]
+                return
+            except Exception as exc:  # any sink failure: keep the records, retry, do not commit
+                logger.warning("dead-letter sink failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DEAD_LETTER_RETRY_MAX_S)
+
+    # --- evaluation --------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.settings.evaluation.interval
+        next_at = loop.time()
+        while True:
+            now_ms = int(self.clock() * 1000)
+            result = await loop.run_in_executor(self._executor, self.engine.tick, now_ms)
+            self._evaluation.observe(result.duration_s)
+            for source in self.sources:
+                self.counters.set_source_up(source.name, source.up)
+            self.holder.set(Snapshot(result, self.counters.freeze()))
+            self._ticked = True
+            _log_transitions(result)
+            if self.on_tick is not None:
+                self.on_tick(result)
+            if self._sender is not None and (self._send_task is None or self._send_task.done()):
+                # A slow Alertmanager must not delay evaluation; the sender works from the
+                # latest state, so a skipped tick is caught up by the next send.
+                self._send_task = asyncio.create_task(self._sender.send(result), name="alertmanager-send")
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+
+def _log_transitions(result: TickResult) -> None:
+    if result.transitions.is_empty() or not logger.isEnabledFor(logging.INFO):
+        return
+    for name, transition, labels in result.transitions.select("alertname", "transition", "labels").iter_rows():
+        identity = {k: v for k, v in json.loads(labels).items() if k not in ("alertname", "severity", "service")}
+        logger.info("alert %s %s %s", name, transition, identity)

@@ -1,0 +1,233 @@
+"""The rule engine with an injected clock: state updates, the four first rules, the lifecycle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.contracts import Stream
+from ingest.decode import decode_batch
+from rules.engine import Engine, EngineSettings, TickResult
+from rules.pack import RulePack, compile_pack
+from rules.policy import Policy, PolicyMatch
+
+T0 = 1_795_600_000_000
+S = 1000
+DEFAULT_PACK = Path(__file__).resolve().parents[2] / "rules" / "packs" / "default.yaml"
+
+
+def default_pack() -> RulePack:
+    pack, problems = compile_pack(yaml.safe_load(DEFAULT_PACK.read_text()), {"runbook_base": "rb"})
+    assert problems == []
+    return pack
+
+
+def rep(event_id: str, ts: int, rp: int | None, vm: str = "vm1", kind: str = "cycle_completed", freq: int = 30, **extra: Any) -> bytes:
+    record = {"event_id": event_id, "ts": ts, "vm_id": vm, "cluster_id": "c1", "target_id": "c2",
+              "technology": "hyperv_replica", "kind": kind, "frequency_s": freq, **extra}
+    if rp is not None:
+        record["recovery_point_ts"] = rp
+    return json.dumps(record).encode()
+
+
+def hb(event_id: str, ts: int, node: str = "n1", state: str = "up") -> bytes:
+    return json.dumps({"event_id": event_id, "ts": ts, "cluster_id": "c1", "node_id": node, "state": state}).encode()
+
+
+def bk(event_id: str, ts: int, kind: str, rp: int | None = None, vm: str = "vm1") -> bytes:
+    record: dict[str, Any] = {"event_id": event_id, "ts": ts, "vm_id": vm, "cluster_id": "c1", "job_id": event_id,
+                              "product": "mabs", "level": "host", "kind": kind}
+    if rp is not None:
+        record["recovery_point_ts"] = rp
+    return json.dumps(record).encode()
+
+
+def feed(engine: Engine, stream: Stream, payloads: list[bytes], now: int) -> int:
+    decoded = decode_batch(stream, payloads, now)
+    assert decoded.rejects.is_empty(), decoded.rejects.to_dicts()
+    return engine.apply(stream, decoded.valid, now)
+
+
+def states(result: TickResult, alertname: str) -> dict[str, str]:
+    rows = result.alerts.filter(pl.col("alertname") == alertname).select("alert_key", "state").rows()
+    return {key.split("\x1f")[0]: state for key, state in rows}
+
+
+def test_replication_rpo_breach_fires_at_the_rpo_and_resolves_on_a_new_cycle() -> None:
+    engine = Engine(default_pack())
+    feed(engine, Stream.REPLICATION, [rep("a", T0, T0)], T0)  # 30 s interval → RPO 60 s
+    assert states(engine.tick(T0 + 60 * S), "ReplicationRPOBreach") == {}
+    result = engine.tick(T0 + 61 * S)
+    assert states(result, "ReplicationRPOBreach") == {"vm1": "firing"}
+    fired = result.transitions.row(0, named=True)
+    assert fired["transition"] == "fired"
+    labels = json.loads(fired["labels"])
+    assert labels == {"alertname": "ReplicationRPOBreach", "severity": "critical", "service": "rpowatch",
+                      "vm": "vm1", "hci_cluster": "c1", "target": "c2", "technology": "hyperv_replica"}
+    annotations = json.loads(fired["annotations"])
+    assert "61.0 s old" in annotations["description"] and annotations["runbook_url"] == "rb/ReplicationRPOBreach.md"
+
+    feed(engine, Stream.REPLICATION, [rep("b", T0 + 62 * S, T0 + 61 * S)], T0 + 62 * S)
+    result = engine.tick(T0 + 62 * S)
+    assert states(result, "ReplicationRPOBreach") == {"vm1": "resolved"}
+    assert result.transitions.select("alertname", "transition").rows() == [("ReplicationRPOBreach", "resolved")]
+
+
+def test_at_risk_fires_between_80_percent_and_the_rpo() -> None:
+    engine = Engine(default_pack())
+    feed(engine, Stream.REPLICATION, [rep("a", T0, T0, freq=300)], T0)  # RPO 600 s
+    assert states(engine.tick(T0 + 480 * S), "ReplicationRPOAtRisk") == {}
+    assert states(engine.tick(T0 + 481 * S), "ReplicationRPOAtRisk") == {"vm1": "firing"}
+    result = engine.tick(T0 + 601 * S)
+    assert states(result, "ReplicationRPOAtRisk") == {"vm1": "resolved"}
+    assert states(result, "ReplicationRPOBreach") == {"vm1": "firing"}
+
+
+def test_policy_rpo_overrides_twice_the_interval() -> None:
+    policies = (Policy(name="tier0", match=PolicyMatch(vm="sql-*"), replication_rpo_seconds=45), Policy(name="default"))
+    engine = Engine(default_pack(), EngineSettings(policies=policies))
+    feed(engine, Stream.REPLICATION, [rep("a", T0, T0, vm="sql-1"), rep("b", T0, T0, vm="web-1")], T0)
+    result = engine.tick(T0 + 50 * S)
+    assert states(result, "ReplicationRPOBreach") == {"sql-1": "firing"}
+    assert dict(result.views.vm_replication.select("vm", "rpo_target_seconds").rows()) == {"sql-1": 45.0, "web-1": 60.0}
+
+
+def test_node_heartbeat_lost_after_timeout_or_when_down() -> None:
+    engine = Engine(default_pack(), EngineSettings(heartbeat_timeout_s=15))
+    feed(engine, Stream.HEARTBEAT, [hb("h1", T0, "n1"), hb("h2", T0, "n2", state="down")], T0)
+    assert states(engine.tick(T0 + 10 * S), "NodeHeartbeatLost") == {"c1": "firing"}  # n2 is down
+    result = engine.tick(T0 + 16 * S)
+    assert sorted(json.loads(labels)["node"] for labels in result.firing()["labels"]) == ["n1", "n2"]
+    feed(engine, Stream.HEARTBEAT, [hb("h3", T0 + 17 * S, "n1"), hb("h4", T0 + 17 * S, "n2")], T0 + 17 * S)
+    result = engine.tick(T0 + 17 * S)
+    assert result.firing().is_empty()
+    assert sorted(result.transitions.get_column("transition").to_list()) == ["resolved", "resolved"]
+
+
+def test_backup_rpo_breach_counts_consecutive_failures_and_resolves_on_success() -> None:
+    day = 86_400 * S
+    engine = Engine(default_pack())
+    feed(engine, Stream.BACKUP, [bk("b1", T0, "succeeded", rp=T0 - day + 10 * S)], T0)
+    assert states(engine.tick(T0 + 5 * S), "BackupRPOBreach") == {}
+    feed(engine, Stream.BACKUP, [bk("b2", T0 + 6 * S, "failed"), bk("b3", T0 + 8 * S, "failed")], T0 + 8 * S)
+    result = engine.tick(T0 + 11 * S)
+    assert states(result, "BackupRPOBreach") == {"vm1": "firing"}
+    assert result.views.vm_backup.get_column("consecutive_failures").to_list() == [2]
+    assert "2 consecutive" in json.loads(result.firing().get_column("annotations")[0])["description"]
+    feed(engine, Stream.BACKUP, [bk("b4", T0 + 12 * S, "succeeded", rp=T0 + 12 * S)], T0 + 12 * S)
+    result = engine.tick(T0 + 13 * S)
+    assert states(result, "BackupRPOBreach") == {"vm1": "resolved"}
+    assert result.views.vm_backup.get_column("consecutive_failures").to_list() == [0]
+
+
+def test_recovery_point_never_moves_backwards_and_duplicates_change_nothing() -> None:
+    engine = Engine(default_pack())
+    feed(engine, Stream.REPLICATION, [rep("new", T0 + 10 * S, T0 + 10 * S)], T0 + 10 * S)
+    # A late event with an older recovery point and a replay of the same event id.
+    assert feed(engine, Stream.REPLICATION, [rep("old", T0, T0), rep("new", T0 + 10 * S, T0 + 10 * S)], T0 + 11 * S) == 1
+    table = engine.fleet.replication
+    assert table.get_column("last_recovery_point_ms").to_list() == [T0 + 10 * S]
+    assert table.get_column("last_event_ms").to_list() == [T0 + 10 * S]
+
+
+def test_late_status_event_does_not_override_a_newer_one() -> None:
+    engine = Engine(default_pack())
+    feed(engine, Stream.REPLICATION, [rep("r", T0 + 5 * S, T0 + 5 * S)], T0 + 5 * S)
+    feed(engine, Stream.REPLICATION, [rep("p", T0, None, kind="paused")], T0 + 6 * S)
+    assert engine.fleet.replication.get_column("status").to_list() == ["replicating"]
+
+
+def test_for_keeps_an_alert_pending_and_a_short_blip_is_forgotten() -> None:
+    doc = {"rules": [{"alert": "Lagging", "entity": "vm_replication", "condition": "lag_seconds > 10",
+                      "for": "5s", "severity": "warning",
+                      "annotations": {"summary": "Lagging.", "description": "{vm} lags {lag_seconds} s"}}]}
+    pack, problems = compile_pack(doc)
+    assert problems == []
+    engine = Engine(pack)
+    feed(engine, Stream.REPLICATION, [rep("a", T0, T0)], T0)
+    assert states(engine.tick(T0 + 11 * S), "Lagging") == {"vm1": "pending"}
+    assert states(engine.tick(T0 + 15 * S), "Lagging") == {"vm1": "pending"}
+    assert states(engine.tick(T0 + 16 * S), "Lagging") == {"vm1": "firing"}
+    # Recovered, then lagging again only briefly: pending, then gone without firing.
+    feed(engine, Stream.REPLICATION, [rep("b", T0 + 17 * S, T0 + 17 * S)], T0 + 17 * S)
+    assert states(engine.tick(T0 + 17 * S), "Lagging") == {"vm1": "resolved"}
+    assert states(engine.tick(T0 + 28 * S), "Lagging") == {"vm1": "pending"}
+    feed(engine, Stream.REPLICATION, [rep("c", T0 + 29 * S, T0 + 29 * S)], T0 + 29 * S)
+    result = engine.tick(T0 + 29 * S)
+    # As in Prometheus: the new pending occurrence replaced the resolved one and is dropped
+    # without ever firing, so nothing is sent.
+    assert states(result, "Lagging") == {}
+    assert result.transitions.is_empty()
+
+
+def test_resolved_alerts_are_forgotten_after_the_retention() -> None:
+    engine = Engine(default_pack(), EngineSettings(resolved_retention_s=60, heartbeat_timeout_s=1000))
+    feed(engine, Stream.HEARTBEAT, [hb("h1", T0, state="down")], T0)
+    engine.tick(T0)
+    feed(engine, Stream.HEARTBEAT, [hb("h2", T0 + S)], T0 + S)
+    assert states(engine.tick(T0 + S), "NodeHeartbeatLost") == {"c1": "resolved"}
+    assert states(engine.tick(T0 + 60 * S), "NodeHeartbeatLost") == {"c1": "resolved"}
+    assert states(engine.tick(T0 + 62 * S), "NodeHeartbeatLost") == {}
+
+
+@pytest.mark.parametrize(
+    ("rule", "field", "needle"),
+    [
+        ({"condition": "lag_secs > 1"}, "condition", "lag_secs"),
+        ({"condition": "lag_seconds >>> 1"}, "condition", "unable to parse"),
+        ({"condition": "lag_seconds + 1"}, "condition", "not a true/false test"),
+        ({"entity": "planet"}, "entity", "vm_replication"),
+        ({"severity": "page"}, "severity", "critical"),
+        ({"for": "soon"}, "for", "not a duration"),
+        ({"annotations": {"summary": "No period", "description": "x"}}, "annotations", "period"),
+        ({"annotations": {"summary": "Ok.", "description": "{nope}"}}, "description", "unknown placeholder"),
+        ({"labels": {"severity": "x"}}, "labels", "cannot be overridden"),
+        ({"alert": "lower_case"}, "alert", "CamelCase"),
+    ],
+)
+def test_pack_problems_name_the_rule_and_field(rule: dict[str, Any], field: str, needle: str) -> None:
+    base = {"alert": "Good", "entity": "vm_replication", "condition": "lag_seconds > 1", "severity": "warning",
+            "annotations": {"summary": "Fine.", "description": "{vm}"}}
+    pack, problems = compile_pack({"rules": [{**base, **rule}]})
+    assert pack.rules == ()
+    assert len(problems) == 1
+    assert problems[0].path[:2] == ("rules", 0)
+    assert field in problems[0].path
+    assert needle in problems[0].message
+
+
+_events = st.lists(
+    st.tuples(st.sampled_from(["vm1", "vm2", "vm3"]), st.integers(0, 120), st.integers(0, 120),
+              st.sampled_from(["cycle_completed", "paused", "cycle_failed", "resumed"])),
+    min_size=1, max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(events=_events, data=st.data())
+def test_permuting_or_splitting_a_batch_gives_the_same_state_and_alerts(events: list[tuple[str, int, int, str]], data: st.DataObject) -> None:
+    payloads = [rep(f"e{i}", T0 + ts * S, T0 + min(rp, ts) * S, vm=vm, kind=kind) for i, (vm, ts, rp, kind) in enumerate(events)]
+    now = T0 + 130 * S
+
+    def run(batches: list[list[bytes]]) -> tuple[pl.DataFrame, pl.DataFrame]:
+        engine = Engine(default_pack())
+        for batch in batches:
+            decoded = decode_batch(Stream.REPLICATION, batch, now)
+            engine.apply(Stream.REPLICATION, decoded.valid, now)
+        result = engine.tick(now + 30 * S)
+        keep = ["vm_id", "last_recovery_point_ms", "last_event_ms", "first_seen_ms", "status"]
+        return engine.fleet.replication.select(keep).sort("vm_id"), result.alerts.select("alertname", "alert_key", "state").sort("alertname", "alert_key")
+
+    reference = run([payloads])
+    shuffled = data.draw(st.permutations(payloads))
+    cut = data.draw(st.integers(0, len(payloads)))
+    for variant in (run([list(shuffled)]), run([list(shuffled[:cut]), list(shuffled[cut:])])):
+        assert variant[0].equals(reference[0])
+        assert variant[1].equals(reference[1])
