@@ -276,7 +276,7 @@ def _validate(
         *[pl.col(spec.name) for spec in specs],
         pl.lit(received_at_ms).cast(TIMESTAMP).alias("received_at"),
     )
-    return valid.cast(dict(SCHEMAS[stream])), rejects
+    return valid.cast(SCHEMAS[stream]), rejects
 
 
 def decode_batch(

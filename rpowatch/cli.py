@@ -39,7 +39,7 @@ def _setup_logging(level: str) -> None:
 
 def _fail_config(exc: ConfigError) -> typer.Exit:
     for problem in exc.problems:
-        err.print(str(problem), markup=False, highlight=False)
+        typer.echo(str(problem), err=True)
     return typer.Exit(EXIT_CONFIG)
 
 
@@ -64,7 +64,7 @@ def run(
     except ConfigError as exc:
         raise _fail_config(exc) from None
     if not settings.sources.kafka.enabled and not settings.sources.mqtt.enabled:
-        err.print(f"{config or '<defaults>'}: sources: enable sources.kafka or sources.mqtt (or run `rpowatch demo`)")
+        typer.echo(f"{config or '<defaults>'}: sources: enable sources.kafka or sources.mqtt (or run `rpowatch demo`)", err=True)
         raise typer.Exit(EXIT_CONFIG)
 
     from rpowatch.service import Service
@@ -92,8 +92,8 @@ def check_command(
     problems = check(file)
     if problems:
         for problem in problems:
-            err.print(str(problem), markup=False, highlight=False)
-        err.print(f"{len(problems)} problem(s) found", style="bold red")
+            typer.echo(str(problem), err=True)
+        typer.echo(f"{len(problems)} problem(s) found", err=True)
         raise typer.Exit(EXIT_CONFIG)
     Console().print(f"{file}: ok")
 
@@ -126,7 +126,7 @@ def simulate(
     """Produce realistic fleet traffic to a real Kafka or MQTT broker."""
     _setup_logging("warning")
     if (kafka is None) == (mqtt is None):
-        err.print("simulate: give exactly one of --kafka BOOTSTRAP or --mqtt HOST:PORT")
+        typer.echo("simulate: give exactly one of --kafka BOOTSTRAP or --mqtt HOST:PORT", err=True)
         raise typer.Exit(EXIT_CONFIG)
     from rpowatch.traffic import run_simulation
 

@@ -6,7 +6,10 @@ import asyncio
 import time
 from collections import Counter
 
+from collections.abc import Awaitable, Callable
+
 import aiomqtt
+from aiokafka import AIOKafkaProducer
 from rich.console import Console
 
 from ingest.contracts import Stream
@@ -40,28 +43,30 @@ async def run_simulation(
     simulator = FleetSimulator(vms, start_ms=sim_start_ms, seed=seed, incidents=incidents)
     sent: Counter[str] = Counter()
 
-    async def publish_kafka(batch: list[Emitted]) -> None:
-        futures = [await producer.send(TOPICS[e.stream], e.payload, key=e.key.encode()) for e in batch]
-        for f in futures:
-            await f
-
-    async def publish_mqtt(batch: list[Emitted]) -> None:
-        for e in batch:
-            await client.publish(mqtt_topic(e), e.payload, qos=1)
-
-    producer = None
-    client = None
+    producer: AIOKafkaProducer | None = None
+    client: aiomqtt.Client | None = None
+    publish: Callable[[list[Emitted]], Awaitable[None]]
     if kafka is not None:
-        producer = await start_producer(kafka, "rpowatch-simulate")
-        publish = publish_kafka
+        kafka_producer = producer = await start_producer(kafka, "rpowatch-simulate")
         target = f"kafka {kafka}"
+
+        async def publish_kafka(batch: list[Emitted]) -> None:
+            futures = [await kafka_producer.send(TOPICS[e.stream], e.payload, key=e.key.encode()) for e in batch]
+            for f in futures:
+                await f
+
+        publish = publish_kafka
     else:
-        assert mqtt is not None
-        host, _, port = mqtt.rpartition(":")
-        client = aiomqtt.Client(host or "127.0.0.1", port=int(port or 1883), identifier="rpowatch-simulate")
-        await client.__aenter__()
-        publish = publish_mqtt
+        host, _, port = (mqtt or "").rpartition(":")
+        mqtt_client = client = aiomqtt.Client(host or "127.0.0.1", port=int(port or 1883), identifier="rpowatch-simulate")
+        await mqtt_client.__aenter__()
         target = f"mqtt {mqtt}"
+
+        async def publish_mqtt(batch: list[Emitted]) -> None:
+            for e in batch:
+                await mqtt_client.publish(mqtt_topic(e), e.payload, qos=1)
+
+        publish = publish_mqtt
     try:
         with console.status(f"simulating {vms} VMs into {target}") as status:
             while duration_s is None or time.time() - started < duration_s:

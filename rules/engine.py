@@ -134,7 +134,7 @@ class Engine:
                 ),
                 pl.lit(spec.severity).alias("severity"),
                 labels.struct.json_encode().alias("labels"),
-                pl.struct(**rule.annotations).struct.json_encode().alias("annotations"),
+                pl.struct([expr.alias(key) for key, expr in rule.annotations.items()]).struct.json_encode().alias("annotations"),
                 pl.lit(int(spec.for_seconds * 1000), dtype=pl.Int64).alias("for_ms"),
                 pl.lit(int(spec.keep_firing_for_seconds * 1000), dtype=pl.Int64).alias("keep_firing_for_ms"),
             )

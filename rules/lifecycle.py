@@ -117,10 +117,11 @@ def advance(
         pl.coalesce("labels_now", "labels").alias("labels"),
         pl.coalesce("annotations_now", "annotations").alias("annotations"),
     ).with_columns(
+        # Set when an occurrence starts firing; a pending occurrence has not fired (yet).
         pl.when((pl.col("new_state") == FIRING) & (was != FIRING).fill_null(True))
         .then(now)
-        .when(pl.col("new_state") == FIRING)
-        .then(pl.col("fired_at_ms"))
+        .when(pl.col("new_state") == PENDING)
+        .then(pl.lit(None, dtype=pl.Int64))
         .otherwise(pl.col("fired_at_ms"))
         .alias("fired_at_ms"),
         pl.when((pl.col("new_state") == RESOLVED) & (was == FIRING))

@@ -1,0 +1,341 @@
+"""Prometheus metrics (contracts.md §3) built from the current snapshot on every scrape.
+
+A custom collector rather than labelled Gauges: each scrape reads one immutable `Snapshot` and
+builds fresh families from it, so concurrent scrapes never see half an update, and a VM, node
+or link that left the state tables vanishes from the next scrape (Prometheus then stale-marks
+it) instead of being exported forever with its last value.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal
+
+import polars as pl
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from exporters.snapshot import SelfStats, Snapshot, SnapshotHolder
+from rules import lifecycle
+from rules.engine import TickResult, empty_result
+from rules.views import ENTITIES, Views
+
+logger = logging.getLogger(__name__)
+
+PerVm = Literal["all", "violating", "none"]
+HEALTH_STATES = ("normal", "warning", "critical")
+
+REPLICATION_LABELS = ENTITIES["vm_replication"].labels  # vm, hci_cluster, target, technology
+BACKUP_LABELS = ENTITIES["vm_backup"].labels  # vm, hci_cluster
+NODE_LABELS = ENTITIES["node"].labels  # hci_cluster, node
+LINK_LABELS = ENTITIES["link"].labels  # hci_cluster, target
+CLUSTER_LABELS = ENTITIES["cluster"].labels  # hci_cluster
+
+# (metric name, view column, HELP): plain gauges, one sample per row with a non-null value.
+_REPLICATION_GAUGES = (
+    (
+        "rpowatch_replication_last_recovery_point_timestamp_seconds",
+        "last_recovery_point_seconds",
+        "Unix time of the newest point in time the replica can be recovered to.",
+    ),
+    (
+        "rpowatch_replication_lag_seconds",
+        "lag_seconds",
+        "Seconds between now (at scrape time) and the newest recoverable point on the replica.",
+    ),
+    (
+        "rpowatch_replication_rpo_target_seconds",
+        "rpo_target_seconds",
+        "Recovery point objective the VM's policy sets for replication, in seconds.",
+    ),
+    (
+        "rpowatch_replication_pending_bytes",
+        "pending_bytes",
+        "Tracked changes not yet sent to the replica (replication log backlog), in bytes.",
+    ),
+    (
+        "rpowatch_replication_time_to_breach_seconds",
+        "time_to_breach_seconds",
+        "Predicted seconds until replication lag exceeds the RPO; +Inf when not trending there.",
+    ),
+)
+_FAILOVER_TEST = (
+    "rpowatch_failover_test_last_success_timestamp_seconds",
+    "last_failover_test_seconds",
+    "Unix time of the VM's last successful test failover.",
+)
+_BACKUP_GAUGES = (
+    (
+        "rpowatch_backup_last_success_timestamp_seconds",
+        "last_success_seconds",
+        "Unix time of the VM's newest successful backup recovery point.",
+    ),
+    (
+        "rpowatch_backup_rpo_target_seconds",
+        "backup_rpo_target_seconds",
+        "Recovery point objective the VM's policy sets for backups, in seconds.",
+    ),
+    (
+        "rpowatch_restore_test_last_success_timestamp_seconds",
+        "last_restore_test_seconds",
+        "Unix time of the VM's last successful restore test.",
+    ),
+)
+_CLUSTER_GAUGES = (
+    (
+        "rpowatch_cluster_iops_headroom_ratio",
+        "iops_headroom_ratio",
+        "Storage IOPS headroom of the instance's up nodes: 1 - used / capacity.",
+    ),
+    (
+        "rpowatch_cluster_failover_capacity_ratio",
+        "failover_capacity_ratio",
+        "Free memory of the other up nodes divided by the memory the busiest node runs; >= 1 means N+1 holds.",
+    ),
+)
+_LINK_GAUGES = (
+    (
+        "rpowatch_link_bandwidth_saturation_ratio",
+        "saturation_ratio",
+        "Replication throughput the link's VMs need divided by the link's capacity.",
+    ),
+)
+_NODE_GAUGES = (
+    (
+        "rpowatch_node_up",
+        "up",
+        "1 while the node's heartbeats arrive within the timeout and its state is up, else 0.",
+    ),
+    (
+        "rpowatch_node_last_heartbeat_timestamp_seconds",
+        "last_heartbeat_seconds",
+        "Unix time of the node's newest heartbeat.",
+    ),
+)
+
+# 1 ms .. 1 s is the expected range of one tick; 2.5 s shows ticks that overran a typical
+# evaluation interval instead of hiding them in +Inf.
+EVALUATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def make_evaluation_histogram(registry: CollectorRegistry) -> Histogram:
+    """`rpowatch_evaluation_duration_seconds`, registered in `registry`. The evaluation loop
+    observes `TickResult.duration_s` into it; it is direct instrumentation, not part of the
+    snapshot, because a histogram accumulates across ticks."""
+    return Histogram(
+        "rpowatch_evaluation_duration_seconds",
+        "Seconds one rule-evaluation tick over the whole fleet took.",
+        buckets=EVALUATION_BUCKETS,
+        registry=registry,
+    )
+
+
+def build_version() -> str:
+    try:
+        return importlib.metadata.version("rpowatch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _label_dicts(frame: pl.DataFrame, labels: Sequence[str], **fixed: str) -> list[dict[str, str]]:
+    """One label dict per row, built by polars (a struct column converts to dicts natively),
+    plus `fixed` labels. Null label values become "" rather than rendering as "None"."""
+    columns = [pl.col(c).cast(pl.String).fill_null("").alias(c) for c in labels]
+    columns += [pl.lit(v).alias(k) for k, v in fixed.items()]
+    dicts: list[dict[str, str]] = frame.select(pl.struct(columns).alias("labels")).get_column("labels").to_list()
+    return dicts
+
+
+def _gauges(
+    frame: pl.DataFrame, labels: Sequence[str], specs: Iterable[tuple[str, str, str]]
+) -> Iterator[GaugeMetricFamily]:
+    """One gauge family per spec over `frame`, skipping null and NaN values (an unknown value
+    is absent, not zero)."""
+    specs = list(specs)
+    label_dicts = _label_dicts(frame, labels)
+    values = frame.select(pl.col(col).cast(pl.Float64) for _, col, _ in specs)
+    for name, column, doc in specs:
+        family = GaugeMetricFamily(name, doc, labels=list(labels))
+        # Samples are appended directly rather than through add_metric, which zips a new label
+        # dict for every sample; here polars builds each row's dict once and the families of
+        # that row share it (exposition only reads it). A 100k-VM fleet has ~1M samples.
+        family.samples.extend(
+            Sample(name, label_set, value)
+            for label_set, value in zip(label_dicts, values.get_column(column).to_list(), strict=True)
+            if value is not None and not math.isnan(value)
+        )
+        yield family
+
+
+class RpowatchCollector(Collector):
+    """Every per-entity, alert and self metric of contracts.md §3 except the evaluation
+    histogram (see `make_evaluation_histogram`).
+
+    `export_per_vm` limits per-VM series for very large fleets: "violating" keeps VMs whose
+    replication health is not normal or whose backup is older than its RPO, "none" drops
+    per-VM families; cluster, link, node, alert and self metrics are always exported.
+    `clock` (Unix seconds) is the scrape-time "now" for lag; tests inject it.
+    """
+
+    def __init__(
+        self,
+        holder: SnapshotHolder,
+        export_per_vm: PerVm = "all",
+        clock: Callable[[], float] = time.time,
+        known_alerts: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        if export_per_vm not in ("all", "violating", "none"):
+            raise ValueError(f"export_per_vm must be all, violating or none, not {export_per_vm!r}")
+        self._holder = holder
+        self._per_vm = export_per_vm
+        self._clock = clock
+        # (alertname, severity) of every rule: exported as 0 when nothing fires, so a count that
+        # drops to zero reads 0 rather than disappearing.
+        self._known_alerts = tuple(known_alerts)
+        self._version = build_version()
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only, so the registry can reject a clashing registration without the cost of
+        # a full collect().
+        return list(self._collect(Snapshot(empty_result())))
+
+    def collect(self) -> Iterable[Metric]:
+        snapshot = self._holder.get()  # once: the whole scrape comes from one instant
+        started = time.perf_counter()
+        families = list(self._collect(snapshot))
+        logger.debug("collected %d families in %.3f s", len(families), time.perf_counter() - started)
+        return families
+
+    def _collect(self, snapshot: Snapshot) -> Iterator[Metric]:
+        views = snapshot.result.views
+        if self._per_vm != "none":
+            yield from self._replication(views)
+            yield from self._backup(views)
+        yield from _gauges(views.cluster, CLUSTER_LABELS, _CLUSTER_GAUGES)
+        yield from _gauges(views.link, LINK_LABELS, _LINK_GAUGES)
+        yield from _gauges(views.node, NODE_LABELS, _NODE_GAUGES)
+        yield self._alerts(snapshot.result)
+        yield from self._self_metrics(snapshot.self_stats)
+
+    def _replication(self, views: Views) -> Iterator[Metric]:
+        frame = views.vm_replication
+        if self._per_vm == "violating":
+            frame = frame.filter(pl.col("health_state") != "normal")
+        now_s = self._clock()
+        # The view was computed at the last tick; lag keeps growing between ticks, so it is
+        # recomputed from the recovery point at scrape time (contracts.md §3). Without a
+        # recovery point, the view's lag (since first seen) is advanced by the time since.
+        elapsed = now_s - views.now_ms / 1000.0
+        last_rp = pl.col("last_recovery_point_seconds")
+        ttb = pl.col("time_to_breach_seconds")
+        frame = frame.with_columns(
+            pl.when(last_rp.is_not_null())
+            .then(pl.lit(now_s) - last_rp)
+            .otherwise(pl.col("lag_seconds") + elapsed)
+            .alias("lag_seconds"),
+            # The predicted breach moves closer by the same elapsed time.
+            pl.when(ttb.is_infinite())
+            .then(ttb)
+            .otherwise(pl.max_horizontal(ttb - elapsed, pl.lit(0.0)))
+            .alias("time_to_breach_seconds"),
+        )
+        yield from _gauges(frame, REPLICATION_LABELS, _REPLICATION_GAUGES)
+        yield from _gauges(frame, BACKUP_LABELS, (_FAILOVER_TEST,))
+        yield self._health(frame)
+
+    def _health(self, frame: pl.DataFrame) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(
+            "rpowatch_replication_health",
+            "Replication health of the VM: 1 for the current state (normal, warning, critical), 0 for the others.",
+            labels=[*REPLICATION_LABELS, "state"],
+        )
+        current = frame.get_column("health_state").to_list()
+        for state in HEALTH_STATES:
+            family.samples.extend(
+                Sample(family.name, label_set, 1.0 if state == this else 0.0)
+                for label_set, this in zip(_label_dicts(frame, REPLICATION_LABELS, state=state), current, strict=True)
+            )
+        return family
+
+    def _backup(self, views: Views) -> Iterator[Metric]:
+        frame = views.vm_backup
+        if self._per_vm == "violating":
+            frame = frame.filter(
+                (pl.col("backup_age_seconds") > pl.col("backup_rpo_target_seconds")).fill_null(False)
+            )
+        yield from _gauges(frame, BACKUP_LABELS, _BACKUP_GAUGES)
+
+    def _alerts(self, result: TickResult) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(
+            "rpowatch_alerts",
+            "Number of alerts firing now, by alert name and severity.",
+            labels=["alertname", "severity"],
+        )
+        counts = {key: 0 for key in self._known_alerts}
+        # Alerts still in the table (pending, resolved) read 0 rather than vanishing.
+        for key in result.alerts.select("alertname", "severity").unique().iter_rows():
+            counts.setdefault(key, 0)
+        firing = result.alerts.filter(pl.col("state") == lifecycle.FIRING).group_by("alertname", "severity").len()
+        for alertname, severity, n in firing.iter_rows():
+            counts[(alertname, severity)] = n
+        for (alertname, severity), n in sorted(counts.items()):
+            family.add_metric([alertname, severity], n)
+        return family
+
+    def _self_metrics(self, stats: SelfStats) -> Iterator[Metric]:
+        events = CounterMetricFamily(
+            "rpowatch_events_total", "Records accepted, by stream and source.", labels=["stream", "source"]
+        )
+        for (stream, source), n in sorted(stats.events_total.items()):
+            events.add_metric([stream, source], n)
+        yield events
+        invalid = CounterMetricFamily(
+            "rpowatch_events_invalid_total",
+            "Records rejected and sent to dead letters, by stream and reason.",
+            labels=["stream", "reason"],
+        )
+        for (stream, reason), n in sorted(stats.events_invalid_total.items()):
+            invalid.add_metric([stream, reason], n)
+        yield invalid
+        up = GaugeMetricFamily(
+            "rpowatch_source_up", "1 while the source's Kafka or MQTT connection is healthy, else 0.", labels=["source"]
+        )
+        for source, healthy in sorted(stats.source_up.items()):
+            up.add_metric([source], 1.0 if healthy else 0.0)
+        yield up
+        last = GaugeMetricFamily(
+            "rpowatch_source_last_event_timestamp_seconds",
+            "Unix time the source last delivered a record (progress watchdog).",
+            labels=["source"],
+        )
+        for source, seconds in sorted(stats.source_last_event_seconds.items()):
+            last.add_metric([source], seconds)
+        yield last
+        sent = CounterMetricFamily(
+            "rpowatch_alertmanager_notifications_total",
+            "Alerts posted to the Alertmanager, successfully or not.",
+            labels=["url"],
+        )
+        for url, n in sorted(stats.alertmanager_notifications_total.items()):
+            sent.add_metric([url], n)
+        yield sent
+        failed = CounterMetricFamily(
+            "rpowatch_alertmanager_notifications_failed_total",
+            "Alerts whose post to the Alertmanager failed (connection error, timeout or non-2xx).",
+            labels=["url"],
+        )
+        for url, n in sorted(stats.alertmanager_notifications_failed_total.items()):
+            failed.add_metric([url], n)
+        yield failed
+        info = GaugeMetricFamily(
+            "rpowatch_build_info", "Always 1; the version label says which rpowatch runs.", labels=["version"]
+        )
+        info.add_metric([self._version], 1.0)
+        yield info
+

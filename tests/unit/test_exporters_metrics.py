@@ -1,0 +1,289 @@
+"""The metrics collector over a real engine: decoded events → tick → snapshot → scrape."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporters.metrics import PerVm, RpowatchCollector, make_evaluation_histogram
+from exporters.snapshot import SelfCounters, Snapshot, SnapshotHolder
+from ingest.contracts import Stream
+from ingest.decode import decode_batch
+from rules.engine import Engine, TickResult
+from rules.pack import compile_pack
+
+REPO = Path(__file__).resolve().parents[2]
+NOW_MS = 1_790_000_000_000
+NOW_S = NOW_MS / 1000
+SCRAPE_DELAY_S = 10.0  # the scrape happens 10 s after the tick
+
+
+def _replication(vm: str, rp_age_s: float, frequency_s: int = 300, **extra: Any) -> bytes:
+    event = {
+        "event_id": f"rep-{vm}",
+        "ts": NOW_MS - int(rp_age_s * 1000) + 5_000,
+        "vm_id": vm,
+        "cluster_id": "c1",
+        "target_id": "c2",
+        "technology": "hyperv_replica",
+        "kind": "cycle_completed",
+        "frequency_s": frequency_s,
+        "recovery_point_ts": NOW_MS - int(rp_age_s * 1000),
+        **extra,
+    }
+    return json.dumps(event).encode()
+
+
+def _backup(vm: str, rp_age_s: float) -> bytes:
+    event = {
+        "event_id": f"bk-{vm}",
+        "ts": NOW_MS - int(rp_age_s * 1000) + 60_000,
+        "vm_id": vm,
+        "cluster_id": "c1",
+        "job_id": f"job-{vm}",
+        "product": "veeam",
+        "level": "host",
+        "kind": "succeeded",
+        "recovery_point_ts": NOW_MS - int(rp_age_s * 1000),
+    }
+    return json.dumps(event).encode()
+
+
+def _heartbeat(node: str, age_s: float, used: int) -> bytes:
+    event = {
+        "event_id": f"hb-{node}",
+        "ts": NOW_MS - int(age_s * 1000),
+        "cluster_id": "c1",
+        "node_id": node,
+        "state": "up",
+        "memory_bytes": 1000,
+        "memory_used_bytes": used,
+        "iops_capacity": 1000.0,
+        "iops_used": 250.0,
+        "net_capacity_bytes_per_s": 1000.0,
+    }
+    return json.dumps(event).encode()
+
+
+def _engine() -> Engine:
+    with open(REPO / "rules" / "packs" / "default.yaml") as f:
+        pack, problems = compile_pack(yaml.safe_load(f), {"runbook_base": "docs/runbooks"})
+    assert problems == []
+    return Engine(pack)
+
+
+def _apply(engine: Engine, stream: Stream, payloads: list[bytes]) -> None:
+    decoded = decode_batch(stream, payloads, NOW_MS)
+    assert decoded.rejects.is_empty(), decoded.rejects
+    engine.apply(stream, decoded.valid, NOW_MS)
+
+
+@pytest.fixture
+def result() -> TickResult:
+    engine = _engine()
+    _apply(
+        engine,
+        Stream.REPLICATION,
+        [
+            _replication("vm1", 60, pending_bytes=1234, churn_bytes_per_s=100.0),  # normal
+            _replication("vm2", 700),  # lag > RPO 600: critical, ReplicationRPOBreach
+            _replication("vm3", 500),  # lag > 80 % of RPO: warning, ReplicationRPOAtRisk
+        ],
+    )
+    _apply(engine, Stream.BACKUP, [_backup("vm1", 3600), _backup("vm2", 2 * 86400)])
+    # n3 is the only one over the 30 s heartbeat timeout: NodeHeartbeatLost.
+    _apply(engine, Stream.HEARTBEAT, [_heartbeat("n1", 5, 600), _heartbeat("n2", 5, 200), _heartbeat("n3", 60, 100)])
+    return engine.tick(NOW_MS)
+
+
+def _scrape(result: TickResult, per_vm: PerVm = "all", counters: SelfCounters | None = None) -> CollectorRegistry:
+    holder = SnapshotHolder()
+    stats = (counters or SelfCounters()).freeze()
+    holder.set(Snapshot(result, stats))
+    registry = CollectorRegistry()
+    registry.register(RpowatchCollector(holder, per_vm, clock=lambda: NOW_S + SCRAPE_DELAY_S))
+    return registry
+
+
+def _rep(vm: str) -> dict[str, str]:
+    return {"vm": vm, "hci_cluster": "c1", "target": "c2", "technology": "hyperv_replica"}
+
+
+def test_replication_gauges(result: TickResult) -> None:
+    registry = _scrape(result)
+    get = registry.get_sample_value
+    # Lag is computed at scrape time from the recovery point, not frozen at the tick.
+    assert get("rpowatch_replication_lag_seconds", _rep("vm1")) == pytest.approx(60 + SCRAPE_DELAY_S)
+    assert get("rpowatch_replication_lag_seconds", _rep("vm2")) == pytest.approx(700 + SCRAPE_DELAY_S)
+    assert get("rpowatch_replication_last_recovery_point_timestamp_seconds", _rep("vm1")) == pytest.approx(NOW_S - 60)
+    assert get("rpowatch_replication_rpo_target_seconds", _rep("vm1")) == 600.0  # 2 × frequency
+    assert get("rpowatch_replication_pending_bytes", _rep("vm1")) == 1234.0
+    assert get("rpowatch_replication_pending_bytes", _rep("vm2")) is None  # unknown: absent, not 0
+    assert get("rpowatch_replication_time_to_breach_seconds", _rep("vm1")) == math.inf
+    assert get("rpowatch_replication_time_to_breach_seconds", _rep("vm2")) == 0.0
+    # vm3: lag 500 > 1.5 × 300, so 100 s left at the tick, 90 s at the scrape.
+    assert get("rpowatch_replication_time_to_breach_seconds", _rep("vm3")) == pytest.approx(90.0)
+    for vm, current in (("vm1", "normal"), ("vm2", "critical"), ("vm3", "warning")):
+        for state in ("normal", "warning", "critical"):
+            expected = 1.0 if state == current else 0.0
+            assert get("rpowatch_replication_health", {**_rep(vm), "state": state}) == expected, (vm, state)
+    # No failover test reported: no series.
+    assert get("rpowatch_failover_test_last_success_timestamp_seconds", {"vm": "vm1", "hci_cluster": "c1"}) is None
+
+
+def test_lag_without_recovery_point_advances_from_the_view(result: TickResult) -> None:
+    replication = result.views.vm_replication.with_columns(
+        pl.when(pl.col("vm") == "vm1")
+        .then(None)
+        .otherwise(pl.col("last_recovery_point_seconds"))
+        .alias("last_recovery_point_seconds")
+    )
+    changed = dataclasses.replace(result, views=dataclasses.replace(result.views, vm_replication=replication))
+    get = _scrape(changed).get_sample_value
+    assert get("rpowatch_replication_last_recovery_point_timestamp_seconds", _rep("vm1")) is None
+    assert get("rpowatch_replication_lag_seconds", _rep("vm1")) == pytest.approx(60 + SCRAPE_DELAY_S)
+
+
+def test_backup_node_cluster_and_alert_gauges(result: TickResult) -> None:
+    get = _scrape(result).get_sample_value
+    vm1 = {"vm": "vm1", "hci_cluster": "c1"}
+    assert get("rpowatch_backup_last_success_timestamp_seconds", vm1) == pytest.approx(NOW_S - 3600)
+    assert get("rpowatch_backup_rpo_target_seconds", vm1) == 86400.0
+    assert get("rpowatch_restore_test_last_success_timestamp_seconds", vm1) is None
+    assert get("rpowatch_node_up", {"hci_cluster": "c1", "node": "n1"}) == 1.0
+    assert get("rpowatch_node_up", {"hci_cluster": "c1", "node": "n3"}) == 0.0
+    assert get("rpowatch_node_last_heartbeat_timestamp_seconds", {"hci_cluster": "c1", "node": "n3"}) == pytest.approx(
+        NOW_S - 60
+    )
+    # Up nodes n1, n2: 500 of 2000 IOPS used; free memory of n2 (800) / what n1 runs (600).
+    assert get("rpowatch_cluster_iops_headroom_ratio", {"hci_cluster": "c1"}) == pytest.approx(0.75)
+    assert get("rpowatch_cluster_failover_capacity_ratio", {"hci_cluster": "c1"}) == pytest.approx(800 / 600)
+    assert get("rpowatch_link_bandwidth_saturation_ratio", {"hci_cluster": "c1", "target": "c2"}) == pytest.approx(
+        100 / 2000
+    )
+    alerts = {
+        "ReplicationRPOBreach": "critical",
+        "ReplicationRPOAtRisk": "warning",
+        "BackupRPOBreach": "critical",
+        "NodeHeartbeatLost": "critical",
+    }
+    for name, severity in alerts.items():
+        assert get("rpowatch_alerts", {"alertname": name, "severity": severity}) == 1.0, name
+
+
+def test_alert_count_drops_to_zero_and_known_alerts_are_preinitialised(result: TickResult) -> None:
+    resolved = result.alerts.with_columns(pl.lit("resolved").alias("state"))
+    holder = SnapshotHolder(Snapshot(dataclasses.replace(result, alerts=resolved)))
+    registry = CollectorRegistry()
+    registry.register(RpowatchCollector(holder, known_alerts=[("FailoverTestOverdue", "warning")]))
+    assert registry.get_sample_value("rpowatch_alerts", {"alertname": "NodeHeartbeatLost", "severity": "critical"}) == 0
+    overdue = {"alertname": "FailoverTestOverdue", "severity": "warning"}
+    assert registry.get_sample_value("rpowatch_alerts", overdue) == 0
+
+
+def test_removed_entity_disappears_from_next_scrape(result: TickResult) -> None:
+    holder = SnapshotHolder(Snapshot(result))
+    registry = CollectorRegistry()
+    registry.register(RpowatchCollector(holder, clock=lambda: NOW_S))
+    assert registry.get_sample_value("rpowatch_replication_lag_seconds", _rep("vm3")) is not None
+    assert registry.get_sample_value("rpowatch_node_up", {"hci_cluster": "c1", "node": "n3"}) == 0.0
+    views = result.views
+    holder.set(
+        Snapshot(
+            dataclasses.replace(
+                result,
+                views=dataclasses.replace(
+                    views,
+                    vm_replication=views.vm_replication.filter(pl.col("vm") != "vm3"),
+                    node=views.node.filter(pl.col("node") != "n3"),
+                ),
+            )
+        )
+    )
+    for state in ("normal", "warning", "critical"):
+        assert registry.get_sample_value("rpowatch_replication_health", {**_rep("vm3"), "state": state}) is None
+    assert registry.get_sample_value("rpowatch_replication_lag_seconds", _rep("vm3")) is None
+    assert registry.get_sample_value("rpowatch_node_up", {"hci_cluster": "c1", "node": "n3"}) is None
+    assert registry.get_sample_value("rpowatch_replication_lag_seconds", _rep("vm1")) is not None
+
+
+def test_per_vm_violating_keeps_only_unhealthy_vms(result: TickResult) -> None:
+    get = _scrape(result, "violating").get_sample_value
+    assert get("rpowatch_replication_lag_seconds", _rep("vm1")) is None
+    assert get("rpowatch_replication_lag_seconds", _rep("vm2")) is not None
+    assert get("rpowatch_replication_health", {**_rep("vm3"), "state": "warning"}) == 1.0
+    assert get("rpowatch_backup_rpo_target_seconds", {"vm": "vm1", "hci_cluster": "c1"}) is None
+    assert get("rpowatch_backup_rpo_target_seconds", {"vm": "vm2", "hci_cluster": "c1"}) == 86400.0
+    assert get("rpowatch_node_up", {"hci_cluster": "c1", "node": "n1"}) == 1.0
+
+
+def test_per_vm_none_keeps_only_aggregates(result: TickResult) -> None:
+    registry = _scrape(result, "none")
+    names = {family.name for family in registry.collect() if family.samples}
+    per_vm = ("rpowatch_replication_", "rpowatch_backup_", "rpowatch_restore_", "rpowatch_failover_")
+    assert not any(n.startswith(per_vm) for n in names), names
+    aggregates = {"rpowatch_node_up", "rpowatch_cluster_iops_headroom_ratio", "rpowatch_alerts", "rpowatch_build_info"}
+    assert aggregates <= names
+
+
+def test_invalid_per_vm_option_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        RpowatchCollector(SnapshotHolder(), "some")  # type: ignore[arg-type]
+
+
+def test_self_metrics_and_histogram(result: TickResult) -> None:
+    counters = SelfCounters()
+    counters.count_events("replication", "kafka", 5)
+    counters.count_events("replication", "kafka", 2)
+    counters.count_invalid("backup", "not_json", 3)
+    counters.set_source_up("kafka", True)
+    counters.set_source_up("mqtt", False)
+    counters.mark_source_event("kafka", 100.0)
+    counters.mark_source_event("kafka", 90.0)  # older: progress does not go back
+    counters.count_notification("http://am1", ok=True, n=4)
+    counters.count_notification("http://am1", ok=False)
+    registry = _scrape(result, counters=counters)
+    histogram = make_evaluation_histogram(registry)
+    histogram.observe(result.duration_s)
+    get = registry.get_sample_value
+    assert get("rpowatch_events_total", {"stream": "replication", "source": "kafka"}) == 7
+    assert get("rpowatch_events_invalid_total", {"stream": "backup", "reason": "not_json"}) == 3
+    assert get("rpowatch_source_up", {"source": "kafka"}) == 1
+    assert get("rpowatch_source_up", {"source": "mqtt"}) == 0
+    assert get("rpowatch_source_last_event_timestamp_seconds", {"source": "kafka"}) == 100.0
+    assert get("rpowatch_alertmanager_notifications_total", {"url": "http://am1"}) == 5
+    assert get("rpowatch_alertmanager_notifications_failed_total", {"url": "http://am1"}) == 1
+    assert get("rpowatch_build_info", {"version": "0.1.0"}) == 1
+    assert get("rpowatch_evaluation_duration_seconds_count") == 1
+    assert get("rpowatch_evaluation_duration_seconds_bucket", {"le": "0.001"}) is not None
+
+
+def test_exposition_parses_and_passes_promtool(result: TickResult) -> None:
+    counters = SelfCounters()
+    counters.count_events("heartbeat", "mqtt", 1)
+    counters.count_notification("http://am1", ok=True)
+    registry = _scrape(result, counters=counters)
+    make_evaluation_histogram(registry).observe(0.004)
+    text = generate_latest(registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["rpowatch_events"].type == "counter"
+    assert families["rpowatch_replication_health"].type == "gauge"
+    assert families["rpowatch_evaluation_duration_seconds"].type == "histogram"
+    assert b"# EOF" in generate_openmetrics(registry)
+
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    assert Path(promtool).exists(), "promtool is missing: run scripts/install-test-deps"
+    checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
