@@ -110,7 +110,11 @@ def demo(
     _setup_logging(log_level)
     from rpowatch.demo import run_demo
 
-    asyncio.run(run_demo(vms=vms, duration_s=duration, port=port, seed=seed))
+    try:
+        asyncio.run(run_demo(vms=vms, duration_s=duration, port=port, seed=seed))
+    except ValueError as exc:  # the simulator refuses a fleet too small for its incidents
+        typer.echo(f"demo: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 @app.command()

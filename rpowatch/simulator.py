@@ -27,7 +27,10 @@ from ingest.contracts import Stream
 
 GIB = 1024**3
 TIB = 1024**4
-DAY_MS = 86_400_000
+# Daily backups start 23 h apart: a job runs under an hour, so each new recovery point lands
+# inside the 24 h backup RPO (a start every 24 h would breach it by the job's duration daily).
+BACKUP_EVERY_MS = 23 * 3_600_000
+MAX_JOB_MS = 3_600_000
 
 # Site codes of the instances and the Azure region their ASR replicas go to.
 REGIONS: tuple[tuple[str, str], ...] = (
@@ -186,8 +189,8 @@ class FleetSimulator:
             self._last_rp[i] = self._last_done[i] - rng.randrange(1000, 3000)
             self._heap.append((due, _REPLICATE, i))
             self._job_start[i] = start_ms - rng.randrange(3_600_000, 20 * 3_600_000)
-            self._job_end[i] = self._job_start[i] + rng.randrange(300_000, 3_600_000)
-            self._heap.append((self._job_start[i] + DAY_MS, _BACKUP_START, i))
+            self._job_end[i] = self._job_start[i] + rng.randrange(300_000, MAX_JOB_MS)
+            self._heap.append((self._job_start[i] + BACKUP_EVERY_MS, _BACKUP_START, i))
         for n in range(len(self._nodes)):
             self._heap.append((start_ms + rng.randrange(1, self._hb_ms + 1), _HEARTBEAT, n))
         # Per-node baselines; heartbeats wobble around them.
@@ -433,11 +436,11 @@ class FleetSimulator:
             # The retry that works: a quick incremental whose point is now.
             self._job_start[i] = self._job_end[i] = due
             self._emit_backup(out, vm, due, due, "succeeded", {"recovery_point_ts": rfc3339(due)})
-            heapq.heappush(self._heap, (due + DAY_MS, _BACKUP_START, i))
+            heapq.heappush(self._heap, (due + BACKUP_EVERY_MS, _BACKUP_START, i))
             return
         self._job_start[i] = due
         self._emit_backup(out, vm, due, due, "started", {})
-        heapq.heappush(self._heap, (due + self._rng.randrange(300_000, 3_600_000), _BACKUP_END, i))
+        heapq.heappush(self._heap, (due + self._rng.randrange(300_000, MAX_JOB_MS), _BACKUP_END, i))
 
     def _backup_end(self, due: int, i: int, out: list[Emitted]) -> None:
         vm = self._vms[i]
@@ -447,7 +450,7 @@ class FleetSimulator:
             "recovery_point_ts": rfc3339(start),
             "bytes": int(vm.churn * 86_400 * self._rng.uniform(0.15, 0.35)),
         })
-        heapq.heappush(self._heap, (start + DAY_MS, _BACKUP_START, i))
+        heapq.heappush(self._heap, (start + BACKUP_EVERY_MS, _BACKUP_START, i))
 
     def _heartbeat(self, due: int, n: int, out: list[Emitted]) -> None:
         silent = self._silent.get(n)
