@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 import polars as pl
@@ -63,6 +64,7 @@ class Engine:
     settings: EngineSettings = field(default_factory=EngineSettings)
     fleet: state.FleetState = field(default_factory=state.FleetState)
     alerts: pl.DataFrame = field(default_factory=lifecycle.empty_alerts)
+    held: frozenset[str] = frozenset()
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +101,28 @@ class Engine:
             self.fleet = fleet
             return fresh.height
 
+    def drop_clusters(self, cluster_ids: Collection[str]) -> None:
+        """Forget everything about these Azure Local instances: their entities vanish from the
+        next views (and so from /metrics) and their alerts are dropped without a resolve,
+        because another owner takes them over (a Kafka rebalance moved their partition)."""
+        if not cluster_ids:
+            return
+        ids = list(cluster_ids)
+        with self._lock:
+            self.fleet = state.drop_clusters(self.fleet, ids)
+            self.alerts = self.alerts.filter(~pl.col("hci_cluster").is_in(ids).fill_null(False))
+            self.held = self.held - frozenset(ids)
+
+    def hold(self, cluster_ids: Collection[str]) -> None:
+        """Freeze the alerts of these instances (nothing fires or resolves) while their state is
+        being rebuilt, so a hand-over neither invents nor loses an alert."""
+        with self._lock:
+            self.held = self.held | frozenset(cluster_ids)
+
+    def release(self, cluster_ids: Collection[str]) -> None:
+        with self._lock:
+            self.held = self.held - frozenset(cluster_ids)
+
     def tick(self, now_ms: int) -> TickResult:
         """Evaluate every rule over the whole fleet at `now_ms`."""
         started = time.perf_counter()
@@ -107,9 +131,17 @@ class Engine:
             active = pl.concat([self._active(rule, views) for rule in self.pack.rules] or [
                 pl.DataFrame(schema=lifecycle.ACTIVE_SCHEMA)
             ])
-            self.alerts, transitions = lifecycle.advance(
-                self.alerts, active, now_ms, self._timing, int(self.settings.resolved_retention_s * 1000)
+            alerts = self.alerts
+            if self.held:
+                held = list(self.held)
+                is_held = pl.col("hci_cluster").is_in(held).fill_null(False)
+                frozen = alerts.filter(is_held)
+                alerts = alerts.filter(~is_held)
+                active = active.filter(~is_held)
+            advanced, transitions = lifecycle.advance(
+                alerts, active, now_ms, self._timing, int(self.settings.resolved_retention_s * 1000)
             )
+            self.alerts = pl.concat([advanced, frozen]) if self.held else advanced
             alerts = self.alerts
         return TickResult(views, alerts, transitions, time.perf_counter() - started)
 
@@ -131,6 +163,9 @@ class Engine:
                 pl.lit(spec.alert).alias("alertname"),
                 pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in label_cols], separator=LABEL_SEPARATOR).alias(
                     "alert_key"
+                ),
+                (pl.col("hci_cluster") if "hci_cluster" in label_cols else pl.lit(None, dtype=pl.String)).alias(
+                    "hci_cluster"
                 ),
                 pl.lit(spec.severity).alias("severity"),
                 labels.struct.json_encode().alias("labels"),

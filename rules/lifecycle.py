@@ -24,6 +24,7 @@ ALERT_SCHEMA = pl.Schema(
     {
         "alertname": pl.String(),
         "alert_key": pl.String(),
+        "hci_cluster": pl.String(),  # the instance the alert is about (null for fleet-wide ones)
         "severity": pl.String(),
         "labels": pl.String(),
         "annotations": pl.String(),
@@ -40,6 +41,7 @@ ACTIVE_SCHEMA = pl.Schema(
     {
         "alertname": pl.String(),
         "alert_key": pl.String(),
+        "hci_cluster": pl.String(),
         "severity": pl.String(),
         "labels": pl.String(),
         "annotations": pl.String(),
@@ -52,6 +54,7 @@ TRANSITION_SCHEMA = pl.Schema(
     {
         "alertname": pl.String(),
         "alert_key": pl.String(),
+        "hci_cluster": pl.String(),
         "severity": pl.String(),
         "labels": pl.String(),
         "annotations": pl.String(),
@@ -114,6 +117,7 @@ def advance(
         last_true.alias("last_true_ms"),
         # Identity never changes; values in annotations follow the latest evaluation.
         pl.coalesce("severity_now", "severity").alias("severity"),
+        pl.coalesce("hci_cluster_now", "hci_cluster").alias("hci_cluster"),
         pl.coalesce("labels_now", "labels").alias("labels"),
         pl.coalesce("annotations_now", "annotations").alias("annotations"),
     ).with_columns(
@@ -136,6 +140,7 @@ def advance(
     transitions = stepped.filter(became_firing | became_resolved).select(
         "alertname",
         "alert_key",
+        "hci_cluster",
         "severity",
         "labels",
         "annotations",

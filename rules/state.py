@@ -147,6 +147,17 @@ def drop_seen(
     return replace(state, seen={**state.seen, stream: remembered}), fresh
 
 
+def drop_clusters(fleet: FleetState, cluster_ids: list[str]) -> FleetState:
+    """The fleet without the entities of these instances."""
+    keep = ~pl.col("cluster_id").is_in(cluster_ids).fill_null(False)
+    return replace(
+        fleet,
+        replication=fleet.replication.filter(keep),
+        backup=fleet.backup.filter(keep),
+        nodes=fleet.nodes.filter(keep),
+    )
+
+
 def apply_replication(
     table: pl.DataFrame, events: pl.DataFrame, policies: tuple[Policy, ...] = (DEFAULT_POLICY,)
 ) -> pl.DataFrame:

@@ -231,3 +231,25 @@ def test_permuting_or_splitting_a_batch_gives_the_same_state_and_alerts(events: 
     for variant in (run([list(shuffled)]), run([list(shuffled[:cut]), list(shuffled[cut:])])):
         assert variant[0].equals(reference[0])
         assert variant[1].equals(reference[1])
+
+
+def test_dropped_clusters_vanish_and_held_clusters_keep_their_alerts_frozen() -> None:
+    engine = Engine(default_pack(), EngineSettings(heartbeat_timeout_s=10))
+    feed(engine, Stream.HEARTBEAT, [hb("h1", T0, "n1"), json.dumps({"event_id": "h2", "ts": T0, "cluster_id": "c9",
+         "node_id": "x1", "state": "up"}).encode()], T0)
+    result = engine.tick(T0 + 11 * S)
+    assert sorted(result.firing().get_column("hci_cluster").to_list()) == ["c1", "c9"]
+
+    engine.hold(["c1"])
+    feed(engine, Stream.HEARTBEAT, [hb("h3", T0 + 12 * S, "n1")], T0 + 12 * S)
+    result = engine.tick(T0 + 12 * S)
+    assert result.transitions.is_empty()  # c1 is held: its alert neither resolves nor changes
+    assert sorted(result.firing().get_column("hci_cluster").to_list()) == ["c1", "c9"]
+    engine.release(["c1"])
+    result = engine.tick(T0 + 13 * S)
+    assert result.transitions.select("hci_cluster", "transition").rows() == [("c1", "resolved")]
+
+    engine.drop_clusters(["c9"])
+    result = engine.tick(T0 + 14 * S)
+    assert result.views.node.get_column("hci_cluster").to_list() == ["c1"]
+    assert result.firing().is_empty() and result.transitions.is_empty()  # dropped, not resolved
