@@ -30,6 +30,10 @@ class EngineSettings:
     dedupe_window_s: float = 600.0
     resolved_retention_s: float = 900.0
     at_risk_ratio: float = 0.8
+    lookahead_s: float = 300.0
+    monitoring_window_s: float = 3600.0
+    rolling_window_s: float = 300.0
+    ingest_stall_s: float = 60.0
     policies: tuple[Policy, ...] = (DEFAULT_POLICY,)
     link_capacity_bytes_per_s: tuple[tuple[str, str, float], ...] = ()
     static_labels: tuple[tuple[str, str], ...] = (("service", "rpowatch"),)
@@ -76,15 +80,20 @@ class Engine:
             },
             schema={"alertname": pl.String, "for_ms": pl.Int64, "keep_firing_for_ms": pl.Int64},
         )
+        s = self.settings
         self._params = ViewParams(
-            heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
-            at_risk_ratio=self.settings.at_risk_ratio,
-            link_capacity_bytes_per_s=self.settings.link_capacity_bytes_per_s,
+            heartbeat_timeout_s=s.heartbeat_timeout_s,
+            at_risk_ratio=s.at_risk_ratio,
+            lookahead_s=s.lookahead_s,
+            monitoring_window_s=s.monitoring_window_s,
+            ingest_stall_s=s.ingest_stall_s,
+            link_capacity_bytes_per_s=s.link_capacity_bytes_per_s,
         )
+        self._window = state.WindowCounters(int(s.monitoring_window_s * 1000))
 
-    def apply(self, stream: Stream, events: pl.DataFrame, now_ms: int) -> int:
-        """Apply a batch of valid events of one stream. Returns how many were new (not
-        duplicates of an `event_id` seen within the dedupe window)."""
+    def apply(self, stream: Stream, events: pl.DataFrame, now_ms: int, source: str = "") -> int:
+        """Apply a batch of valid events of one stream that arrived through `source`. Returns
+        how many were new (not duplicates of an `event_id` seen within the dedupe window)."""
         if events.is_empty():
             return 0
         with self._lock:
@@ -93,11 +102,17 @@ class Engine:
             )
             policies = self.settings.policies
             if stream is Stream.REPLICATION:
-                fleet = replace(fleet, replication=state.apply_replication(fleet.replication, fresh, policies))
+                fleet = replace(
+                    fleet, replication=state.apply_replication(fleet.replication, fresh, policies, self._window)
+                )
             elif stream is Stream.BACKUP:
                 fleet = replace(fleet, backup=state.apply_backup(fleet.backup, fresh, policies))
             else:
-                fleet = replace(fleet, nodes=state.apply_heartbeats(fleet.nodes, fresh))
+                fleet = replace(
+                    fleet,
+                    nodes=state.apply_heartbeats(fleet.nodes, fresh, source, self.settings.rolling_window_s),
+                    clusters=state.apply_clock_skew(fleet.clusters, fresh),
+                )
             self.fleet = fleet
             return fresh.height
 
@@ -123,11 +138,12 @@ class Engine:
         with self._lock:
             self.held = self.held - frozenset(cluster_ids)
 
-    def tick(self, now_ms: int) -> TickResult:
-        """Evaluate every rule over the whole fleet at `now_ms`."""
+    def tick(self, now_ms: int, sources: pl.DataFrame | None = None) -> TickResult:
+        """Evaluate every rule over the whole fleet at `now_ms`. `sources` (SOURCES_SCHEMA)
+        describes the ingest sources for the source-health rules."""
         started = time.perf_counter()
         with self._lock:
-            views = build_views(self.fleet, now_ms, self._params)
+            views = build_views(self.fleet, now_ms, self._params, sources)
             active = pl.concat([self._active(rule, views) for rule in self.pack.rules] or [
                 pl.DataFrame(schema=lifecycle.ACTIVE_SCHEMA)
             ])

@@ -61,7 +61,9 @@ class RuleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     alert: str
-    entity: Literal["vm_replication", "vm_backup", "node", "link", "cluster"]
+    entity: Literal[
+        "vm_replication", "vm_backup", "vm", "node", "link", "cluster", "service_group", "source", "source_stream"
+    ]
     condition: str = Field(min_length=1)
     for_seconds: Duration = Field(default=0.0, alias="for")
     keep_firing_for_seconds: Duration = Field(default=0.0, alias="keep_firing_for")

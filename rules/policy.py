@@ -37,6 +37,11 @@ class Policy(BaseModel):
     backup_rpo_seconds: float = Field(default=DAY_S, gt=0)
     failover_test_max_age_seconds: float = Field(default=31 * DAY_S, gt=0)
     restore_test_max_age_seconds: float = Field(default=90 * DAY_S, gt=0)
+    # Recovery points to keep per retention tier (0: the tier is not required).
+    retention_daily: int = Field(default=14, ge=0)
+    retention_weekly: int = Field(default=0, ge=0)
+    retention_monthly: int = Field(default=6, ge=0)
+    retention_yearly: int = Field(default=7, ge=0)
 
 
 DEFAULT_POLICY = Policy(name="default")

@@ -35,6 +35,17 @@ REPLICATION_STATUS = {
     "unplanned_failover": "failed_over",
 }
 
+# Events with the same timestamp are ordered by how grave the status they report is, so the
+# outcome never depends on arrival order: the graver status wins a tie.
+STATUS_RANK = {
+    "replicating": 0,
+    "initial_replication": 1,
+    "paused": 2,
+    "failed": 3,
+    "resync_required": 4,
+    "failed_over": 5,
+}
+
 REPLICATION_SCHEMA = pl.Schema(
     {
         "vm_id": pl.String(),
@@ -47,6 +58,7 @@ REPLICATION_SCHEMA = pl.Schema(
         "last_recovery_point_ms": MS(),
         "last_failover_test_ms": MS(),
         "status": pl.String(),
+        "status_event_ms": MS(),  # time of the newest event that reported a status
         "status_since_ms": MS(),
         "pending_bytes": MS(),
         "vhd_bytes": MS(),
@@ -55,6 +67,13 @@ REPLICATION_SCHEMA = pl.Schema(
         "service_group": pl.String(),
         "rpo_target_s": pl.Float64(),
         "failover_test_max_age_s": pl.Float64(),
+        # Sliding-window cycle counters (see WindowCounters): index of the current window
+        # bucket, and completed / missed cycles in it and in the one before.
+        "window_bucket": MS(),
+        "completed_cur": MS(),
+        "completed_prev": MS(),
+        "missed_cur": MS(),
+        "missed_prev": MS(),
     }
 )
 
@@ -69,6 +88,17 @@ BACKUP_SCHEMA = pl.Schema(
         "consecutive_failures": MS(),
         "backup_rpo_s": pl.Float64(),
         "restore_test_max_age_s": pl.Float64(),
+        # Recovery points held per retention tier: created minus expired, from events that
+        # carry a tier. `tiers_reported` is false for products that never say.
+        "daily_points": MS(),
+        "weekly_points": MS(),
+        "monthly_points": MS(),
+        "yearly_points": MS(),
+        "tiers_reported": pl.Boolean(),
+        "retention_daily": pl.Float64(),
+        "retention_weekly": pl.Float64(),
+        "retention_monthly": pl.Float64(),
+        "retention_yearly": pl.Float64(),
     }
 )
 
@@ -84,8 +114,25 @@ NODE_SCHEMA = pl.Schema(
         "net_replication_bytes_per_s": pl.Float64(),
         "iops_capacity": pl.Float64(),
         "iops_used": pl.Float64(),
+        # Exponentially weighted averages over `rolling_window_s` (throughput and IOPS are
+        # judged over minutes, not single samples).
+        "net_replication_avg": pl.Float64(),
+        "iops_used_avg": pl.Float64(),
+        "source": pl.String(),  # the source its heartbeats arrive through
     }
 )
+
+# Per instance: how far event time is from arrival time, smoothed (heartbeats only: they are
+# samples of "now", unlike replayed or restated events).
+CLUSTER_SCHEMA = pl.Schema(
+    {
+        "cluster_id": pl.String(),
+        "clock_skew_s": pl.Float64(),
+        "skew_updated_ms": MS(),
+    }
+)
+
+TIERS = ("daily", "weekly", "monthly", "yearly")
 
 SEEN_SCHEMA = pl.Schema({"event_id": pl.String(), "seen_ms": MS()})
 
@@ -101,6 +148,7 @@ class FleetState:
     replication: pl.DataFrame = field(default_factory=lambda: _empty(REPLICATION_SCHEMA))
     backup: pl.DataFrame = field(default_factory=lambda: _empty(BACKUP_SCHEMA))
     nodes: pl.DataFrame = field(default_factory=lambda: _empty(NODE_SCHEMA))
+    clusters: pl.DataFrame = field(default_factory=lambda: _empty(CLUSTER_SCHEMA))
     seen: dict[str, pl.DataFrame] = field(default_factory=dict)
 
 
@@ -155,18 +203,66 @@ def drop_clusters(fleet: FleetState, cluster_ids: list[str]) -> FleetState:
         replication=fleet.replication.filter(keep),
         backup=fleet.backup.filter(keep),
         nodes=fleet.nodes.filter(keep),
+        clusters=fleet.clusters.filter(keep),
     )
 
 
+def _watermarked(table: pl.DataFrame, events: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Events joined with their entity's previous `last_event_ms`; `is_new` marks events newer
+    than anything applied before. Counters only count new events, so a replayed or duplicate
+    event never counts twice; late events still update max/min fields."""
+    previous = table.select(*keys, pl.col("last_event_ms").alias("prev_last_ms"))
+    return events.join(previous, on=keys, how="left").with_columns(
+        (_ms("ts") > pl.col("prev_last_ms").fill_null(-(2**62))).alias("is_new")
+    )
+
+
+@dataclass(frozen=True)
+class WindowCounters:
+    """Counts over a sliding monitoring window in O(1) memory per entity: counts of the current
+    and the previous fixed bucket (bucket length = the window), and at evaluation
+    `current + previous × (share of the previous bucket still inside the window)`. The classic
+    sliding-window-counter approximation; exact when events are spread evenly."""
+
+    window_ms: int
+
+    def bucket(self, ts_ms: pl.Expr) -> pl.Expr:
+        return ts_ms // self.window_ms
+
+
 def apply_replication(
-    table: pl.DataFrame, events: pl.DataFrame, policies: tuple[Policy, ...] = (DEFAULT_POLICY,)
+    table: pl.DataFrame,
+    events: pl.DataFrame,
+    policies: tuple[Policy, ...] = (DEFAULT_POLICY,),
+    window: WindowCounters = WindowCounters(3_600_000),
 ) -> pl.DataFrame:
     if events.is_empty():
         return table
     kind = pl.col("kind").cast(pl.String)
+    new = pl.col("is_new")
+    bucket = window.bucket(_ms("ts"))
+    # The bucket the entity's counters will be in after this batch.
+    newest_bucket = pl.max_horizontal(
+        pl.col("prev_bucket"), pl.when(new).then(bucket).max().over("vm_id")
+    )
+    previous = table.select("vm_id", pl.col("window_bucket").alias("prev_bucket"))
+    staged = (
+        _watermarked(table, events, ["vm_id"])
+        .join(previous, on="vm_id", how="left")
+        .with_columns(newest_bucket.alias("batch_bucket"), bucket.alias("bucket"))
+    )
+
+    def count(which: str, offset: int) -> pl.Expr:
+        # Distinct timestamps: a VM cannot complete two cycles in the same millisecond, and
+        # counting instants keeps the result independent of how events are split into batches.
+        hit = new & (kind == which) & (pl.col("bucket") == pl.col("batch_bucket") - offset)
+        return _ms("ts").filter(hit).n_unique()
+
+    status = kind.replace_strict(REPLICATION_STATUS, default=None)
     reduced = (
-        events.sort("ts")
-        .with_columns(kind.replace_strict(REPLICATION_STATUS, default=None).alias("status"))
+        staged.with_columns(status.alias("status"))
+        .with_columns(pl.col("status").replace_strict(STATUS_RANK, default=None).alias("status_rank"))
+        .sort("ts", "status_rank", nulls_last=False)
         .group_by("vm_id")
         .agg(
             pl.col("cluster_id").last(),
@@ -178,18 +274,46 @@ def apply_replication(
             _ms("recovery_point_ts").filter(kind == "cycle_completed").max().alias("last_recovery_point_ms"),
             _ms("ts").filter(kind == "test_failover_completed").max().alias("last_failover_test_ms"),
             _last_non_null("status"),
-            _ms("ts").filter(pl.col("status").is_not_null()).last().alias("status_since_ms"),
+            _ms("ts").filter(pl.col("status").is_not_null()).last().alias("status_event_ms"),
             _last_non_null("pending_bytes"),
             _last_non_null("vhd_bytes"),
             _last_non_null("churn_bytes_per_s"),
             _last_non_null("storage_path_id"),
             _last_non_null("service_group"),
+            pl.col("batch_bucket").max().alias("window_bucket"),
+            count("cycle_completed", 0).cast(MS).alias("completed_cur"),
+            count("cycle_completed", 1).cast(MS).alias("completed_prev"),
+            count("cycle_missed", 0).cast(MS).alias("missed_cur"),
+            count("cycle_missed", 1).cast(MS).alias("missed_prev"),
         )
     )
     joined = table.join(reduced, on="vm_id", how="full", coalesce=True, suffix="_new")
-    status_changed = pl.col("status_new").is_not_null() & (
-        pl.col("status_new") != pl.col("status").fill_null("")
-    )
+    rank_new = pl.col("status_new").replace_strict(STATUS_RANK, default=-1)
+    rank_old = pl.col("status").replace_strict(STATUS_RANK, default=-1)
+    old_event = pl.col("status_event_ms").fill_null(-(2**62))
+    new_event = pl.col("status_event_ms_new")
+    takes_status = (
+        pl.col("status_new").is_not_null() & ((new_event > old_event) | ((new_event == old_event) & (rank_new >= rank_old)))
+    ).fill_null(False)
+    status_changed = takes_status & (pl.col("status_new") != pl.col("status").fill_null(""))
+    old_bucket = pl.col("window_bucket")
+    bucket_now = pl.coalesce("window_bucket_new", "window_bucket")
+
+    def shifted(cur: str, prev: str) -> list[pl.Expr]:
+        """Old counters moved into the batch's bucket, plus the batch's counts."""
+        old_cur = pl.col(cur).fill_null(0)
+        old_prev = pl.col(prev).fill_null(0)
+        cur_expr = pl.when(old_bucket == bucket_now).then(old_cur).otherwise(0) + pl.col(f"{cur}_new").fill_null(0)
+        prev_expr = (
+            pl.when(old_bucket == bucket_now)
+            .then(old_prev)
+            .when(old_bucket == bucket_now - 1)
+            .then(old_cur)
+            .otherwise(0)
+            + pl.col(f"{prev}_new").fill_null(0)
+        )
+        return [cur_expr.alias(cur), prev_expr.alias(prev)]
+
     merged = joined.with_columns(
         _newer("cluster_id"),
         _newer("target_id"),
@@ -198,16 +322,17 @@ def apply_replication(
         _min_of("first_seen_ms"),
         _max_of("last_recovery_point_ms"),
         _max_of("last_failover_test_ms"),
-        _newer("status"),
-        pl.when(status_changed & (pl.col("last_event_ms_new") >= pl.col("last_event_ms").fill_null(0)))
-        .then(pl.col("status_since_ms_new"))
-        .otherwise(pl.col("status_since_ms"))
-        .alias("status_since_ms"),
+        pl.when(takes_status).then(pl.col("status_new")).otherwise(pl.col("status")).alias("status"),
+        pl.when(takes_status).then(new_event).otherwise(pl.col("status_event_ms")).alias("status_event_ms"),
+        pl.when(status_changed).then(new_event).otherwise(pl.col("status_since_ms")).alias("status_since_ms"),
         _newer("pending_bytes"),
         _newer("vhd_bytes"),
         _newer("churn_bytes_per_s"),
         _newer("storage_path_id"),
         _newer("service_group"),
+        *shifted("completed_cur", "completed_prev"),
+        *shifted("missed_cur", "missed_prev"),
+        bucket_now.alias("window_bucket"),
     ).with_columns(_max_of("last_event_ms"))
     columns = set(merged.columns)
     twice_interval = pl.col("frequency_s").cast(pl.Float64) * 2
@@ -225,25 +350,33 @@ def apply_backup(
     if events.is_empty():
         return table
     kind = pl.col("kind").cast(pl.String)
+    tier = pl.col("retention_tier").cast(pl.String)
+    new = pl.col("is_new")
     success = kind.is_in(["succeeded", "warning"])
     ts = _ms("ts")
-    batch_success = pl.when(success).then(ts).max().over("vm_id")
-    reduced = (
-        events.with_columns(batch_success.alias("last_success_job_ms"))
-        .group_by("vm_id")
-        .agg(
-            pl.col("cluster_id").sort_by("ts").last(),
-            ts.min().alias("first_seen_ms"),
-            ts.max().alias("last_event_ms"),
-            _ms("recovery_point_ts").filter(success).max().alias("last_success_ms"),
-            ts.filter(kind == "restore_test_succeeded").max().alias("last_restore_test_ms"),
-            pl.col("last_success_job_ms").first(),
-            # Failed jobs after this batch's newest success (all of them if it has none).
-            ((kind == "failed") & (ts > pl.col("last_success_job_ms").fill_null(-(2**62))))
-            .sum()
-            .cast(MS)
-            .alias("failures"),
-        )
+    staged = _watermarked(table, events, ["vm_id"]).with_columns(
+        pl.when(success & new).then(ts).max().over("vm_id").alias("last_success_job_ms")
+    )
+
+    def tier_delta(name: str) -> pl.Expr:
+        created = (new & success & (tier == name)).sum()
+        expired = (new & (kind == "recovery_point_expired") & (tier == name)).sum()
+        return (created.cast(MS) - expired.cast(MS)).alias(f"{name}_points")
+
+    reduced = staged.group_by("vm_id").agg(
+        pl.col("cluster_id").sort_by("ts").last(),
+        ts.min().alias("first_seen_ms"),
+        ts.max().alias("last_event_ms"),
+        _ms("recovery_point_ts").filter(success).max().alias("last_success_ms"),
+        ts.filter(kind == "restore_test_succeeded").max().alias("last_restore_test_ms"),
+        pl.col("last_success_job_ms").first(),
+        # New failed jobs after this batch's newest new success (all of them if it has none).
+        ts.filter(new & (kind == "failed") & (ts > pl.col("last_success_job_ms").fill_null(-(2**62))))
+        .n_unique()
+        .cast(MS)
+        .alias("failures"),
+        *[tier_delta(t) for t in TIERS],
+        tier.is_not_null().any().alias("tiers_reported"),
     )
     joined = table.join(reduced, on="vm_id", how="full", coalesce=True, suffix="_new")
     merged = joined.with_columns(
@@ -255,6 +388,13 @@ def apply_backup(
         .then(pl.col("failures"))
         .otherwise(pl.col("consecutive_failures").fill_null(0) + pl.col("failures").fill_null(0))
         .alias("consecutive_failures"),
+        *[
+            (pl.col(f"{t}_points").fill_null(0) + pl.col(f"{t}_points_new").fill_null(0)).clip(lower_bound=0).alias(f"{t}_points")
+            for t in TIERS
+        ],
+        (pl.col("tiers_reported").fill_null(False) | pl.col("tiers_reported_new").fill_null(False)).alias(
+            "tiers_reported"
+        ),
     ).with_columns(_max_of("last_event_ms"))
     columns = set(merged.columns)
     return merged.with_columns(
@@ -264,10 +404,44 @@ def apply_backup(
         resolve(
             policies, columns, "restore_test_max_age_seconds", pl.lit(DEFAULT_POLICY.restore_test_max_age_seconds)
         ).alias("restore_test_max_age_s"),
+        *[
+            resolve(policies, columns, f"retention_{t}", pl.lit(float(getattr(DEFAULT_POLICY, f"retention_{t}")))).alias(
+                f"retention_{t}"
+            )
+            for t in TIERS
+        ],
     ).select(BACKUP_SCHEMA.names())
 
 
-def apply_heartbeats(table: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
+_NODE_LAST = (
+    "memory_bytes",
+    "memory_used_bytes",
+    "net_capacity_bytes_per_s",
+    "net_replication_bytes_per_s",
+    "iops_capacity",
+    "iops_used",
+)
+
+
+def _ewma(column: str, sample: str, dt_ms: pl.Expr, tau_ms: float) -> pl.Expr:
+    """Exponentially weighted average with time constant tau: a sample `dt` after the previous
+    one moves the average by 1 − e^(−dt/τ) of the difference."""
+    alpha = 1.0 - (-(dt_ms.cast(pl.Float64).clip(lower_bound=0)) / tau_ms).exp()
+    old = pl.col(column)
+    new = pl.col(sample)
+    return (
+        pl.when(old.is_null())
+        .then(new)
+        .when(new.is_null())
+        .then(old)
+        .otherwise(old + alpha * (new - old))
+        .alias(column)
+    )
+
+
+def apply_heartbeats(
+    table: pl.DataFrame, events: pl.DataFrame, source: str = "", rolling_window_s: float = 300.0
+) -> pl.DataFrame:
     if events.is_empty():
         return table
     reduced = (
@@ -276,33 +450,50 @@ def apply_heartbeats(table: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
         .agg(
             _ms("ts").max().alias("last_event_ms"),
             pl.col("state").cast(pl.String).last(),
-            *[
-                _last_non_null(c)
-                for c in (
-                    "memory_bytes",
-                    "memory_used_bytes",
-                    "net_capacity_bytes_per_s",
-                    "net_replication_bytes_per_s",
-                    "iops_capacity",
-                    "iops_used",
-                )
-            ],
+            *[_last_non_null(c) for c in _NODE_LAST],
         )
+        .with_columns(pl.lit(source, dtype=pl.String).alias("source"))
     )
     table = table.rename({"last_heartbeat_ms": "last_event_ms"})
     joined = table.join(reduced, on=["cluster_id", "node_id"], how="full", coalesce=True, suffix="_new")
+    newer = pl.col("last_event_ms_new") > pl.col("last_event_ms").fill_null(-(2**62))
+    dt = pl.col("last_event_ms_new") - pl.col("last_event_ms")
+    tau_ms = rolling_window_s * 1000
     merged = joined.with_columns(
-        *[
-            _newer(c)
-            for c in (
-                "state",
-                "memory_bytes",
-                "memory_used_bytes",
-                "net_capacity_bytes_per_s",
-                "net_replication_bytes_per_s",
-                "iops_capacity",
-                "iops_used",
-            )
-        ]
+        *[_newer(c) for c in ("state", "source", *_NODE_LAST)],
+        # Only newer samples move the averages: a late or repeated heartbeat changes nothing.
+        pl.when(newer.fill_null(False))
+        .then(_ewma("net_replication_avg", "net_replication_bytes_per_s_new", dt, tau_ms))
+        .otherwise(pl.col("net_replication_avg"))
+        .alias("net_replication_avg"),
+        pl.when(newer.fill_null(False))
+        .then(_ewma("iops_used_avg", "iops_used_new", dt, tau_ms))
+        .otherwise(pl.col("iops_used_avg"))
+        .alias("iops_used_avg"),
     ).with_columns(_max_of("last_event_ms"))
     return merged.rename({"last_event_ms": "last_heartbeat_ms"}).select(NODE_SCHEMA.names())
+
+
+SKEW_SMOOTHING = 0.3  # weight of a new batch's median skew
+
+
+def apply_clock_skew(table: pl.DataFrame, heartbeats: pl.DataFrame) -> pl.DataFrame:
+    """Per instance, the median of (event time − arrival time) over the batch, smoothed."""
+    if heartbeats.is_empty():
+        return table
+    reduced = heartbeats.group_by("cluster_id").agg(
+        ((_ms("ts") - _ms("received_at")).cast(pl.Float64) / 1000).median().alias("clock_skew_s"),
+        _ms("received_at").max().alias("skew_updated_ms"),
+    )
+    joined = table.join(reduced, on="cluster_id", how="full", coalesce=True, suffix="_new")
+    old = pl.col("clock_skew_s")
+    new = pl.col("clock_skew_s_new")
+    return joined.with_columns(
+        pl.when(new.is_null())
+        .then(old)
+        .when(old.is_null())
+        .then(new)
+        .otherwise(old + SKEW_SMOOTHING * (new - old))
+        .alias("clock_skew_s"),
+        _max_of("skew_updated_ms"),
+    ).select(CLUSTER_SCHEMA.names())

@@ -60,13 +60,17 @@ def states(result: TickResult, alertname: str) -> dict[str, str]:
     return {key.split("\x1f")[0]: state for key, state in rows}
 
 
+def transitions(result: TickResult, alertname: str) -> list[str]:
+    return result.transitions.filter(pl.col("alertname") == alertname).get_column("transition").to_list()
+
+
 def test_replication_rpo_breach_fires_at_the_rpo_and_resolves_on_a_new_cycle() -> None:
     engine = Engine(default_pack())
     feed(engine, Stream.REPLICATION, [rep("a", T0, T0)], T0)  # 30 s interval → RPO 60 s
     assert states(engine.tick(T0 + 60 * S), "ReplicationRPOBreach") == {}
     result = engine.tick(T0 + 61 * S)
     assert states(result, "ReplicationRPOBreach") == {"vm1": "firing"}
-    fired = result.transitions.row(0, named=True)
+    fired = result.transitions.filter(pl.col("alertname") == "ReplicationRPOBreach").row(0, named=True)
     assert fired["transition"] == "fired"
     labels = json.loads(fired["labels"])
     assert labels == {"alertname": "ReplicationRPOBreach", "severity": "critical", "service": "rpowatch",
@@ -77,17 +81,46 @@ def test_replication_rpo_breach_fires_at_the_rpo_and_resolves_on_a_new_cycle() -
     feed(engine, Stream.REPLICATION, [rep("b", T0 + 62 * S, T0 + 61 * S)], T0 + 62 * S)
     result = engine.tick(T0 + 62 * S)
     assert states(result, "ReplicationRPOBreach") == {"vm1": "resolved"}
-    assert result.transitions.select("alertname", "transition").rows() == [("ReplicationRPOBreach", "resolved")]
+    assert transitions(result, "ReplicationRPOBreach") == ["resolved"]
+    assert transitions(result, "VMUnprotected") == ["resolved"]  # no backup, replica back in RPO
 
 
-def test_at_risk_fires_between_80_percent_and_the_rpo() -> None:
-    engine = Engine(default_pack())
+def test_at_risk_fires_on_an_overdue_cycle_or_above_80_percent_and_stops_at_the_breach() -> None:
+    engine = Engine(default_pack(), EngineSettings(lookahead_s=60))
     feed(engine, Stream.REPLICATION, [rep("a", T0, T0, freq=300)], T0)  # RPO 600 s
-    assert states(engine.tick(T0 + 480 * S), "ReplicationRPOAtRisk") == {}
-    assert states(engine.tick(T0 + 481 * S), "ReplicationRPOAtRisk") == {"vm1": "firing"}
+    assert states(engine.tick(T0 + 479 * S), "ReplicationRPOAtRisk") == {}
+    result = engine.tick(T0 + 481 * S)  # above 80 % of the RPO
+    assert states(result, "ReplicationRPOAtRisk") == {"vm1": "firing"}
+    assert result.views.vm_replication.get_column("time_to_breach_seconds").to_list() == [119.0]
     result = engine.tick(T0 + 601 * S)
     assert states(result, "ReplicationRPOAtRisk") == {"vm1": "resolved"}
     assert states(result, "ReplicationRPOBreach") == {"vm1": "firing"}
+
+    # With the default 5-minute look-ahead, an overdue cycle (lag > 1.5 x interval) is enough.
+    engine = Engine(default_pack())
+    feed(engine, Stream.REPLICATION, [rep("a", T0, T0, freq=300)], T0)
+    assert states(engine.tick(T0 + 449 * S), "ReplicationRPOAtRisk") == {}
+    assert states(engine.tick(T0 + 451 * S), "ReplicationRPOAtRisk") == {"vm1": "firing"}
+
+
+def test_a_saturated_link_raises_at_risk_before_the_lag_is_high() -> None:
+    # 10 MB/s of churn over a 4 MB/s link: the next 5-minute cycle cannot finish within the RPO.
+    settings = EngineSettings(link_capacity_bytes_per_s=(("c1", "c2", 4e6),))
+    engine = Engine(default_pack(), settings)
+    feed(engine, Stream.REPLICATION, [rep("a", T0, T0, freq=300, churn_bytes_per_s=10e6, pending_bytes=0)], T0)
+    result = engine.tick(T0 + 10 * S)
+    view = result.views.vm_replication.row(0, named=True)
+    assert view["link_saturation_ratio"] == 2.5
+    assert view["lag_seconds"] == 10.0
+    assert view["time_to_breach_seconds"] == 590.0
+    assert states(result, "ReplicationRPOAtRisk") == {}  # 590 s away: beyond the look-ahead
+    result = engine.tick(T0 + 301 * S)  # lag 301 s (50 %), no cycle overdue yet: the link says so
+    assert states(result, "ReplicationRPOAtRisk") == {"vm1": "firing"}
+    assert states(result, "ReplicationLinkSaturated") == {"c1": "pending"} or states(result, "ReplicationLinkSaturated") == {"c1": "firing"}
+
+    unsaturated = Engine(default_pack(), EngineSettings(link_capacity_bytes_per_s=(("c1", "c2", 40e6),)))
+    feed(unsaturated, Stream.REPLICATION, [rep("a", T0, T0, freq=300, churn_bytes_per_s=10e6, pending_bytes=0)], T0)
+    assert states(unsaturated.tick(T0 + 301 * S), "ReplicationRPOAtRisk") == {}
 
 
 def test_policy_rpo_overrides_twice_the_interval() -> None:
