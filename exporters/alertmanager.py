@@ -100,7 +100,7 @@ class AlertmanagerSender:
         """Send what needs sending for the alert table of `result`, at `result.now_ms`."""
         async with self._lock:
             now_ms = result.now_ms
-            candidates = self._candidates(result.alerts)
+            candidates = self._candidates(result)
             present = {c.fingerprint for c in candidates}
             due: dict[str, list[_Candidate]] = {}
             for url, sent in self._sent.items():
@@ -112,8 +112,9 @@ class AlertmanagerSender:
             bodies = {c.fingerprint: self._body(c, now_ms) for alerts in due.values() for c in alerts}
             await asyncio.gather(*(self._send_to(url, due[url], bodies, now_ms) for url in self._urls))
 
-    def _candidates(self, alerts: pl.DataFrame) -> list[_Candidate]:
-        rows = alerts.filter(pl.col("state") != lifecycle.PENDING).select(
+    def _candidates(self, result: TickResult) -> list[_Candidate]:
+        sendable = result.alerts.filter(pl.col("state") != lifecycle.PENDING)
+        rows = result.with_details(sendable).filter(pl.col("labels").is_not_null()).select(
             "alertname", "alert_key", "state", "fired_at_ms", "resolved_at_ms", "labels", "annotations"
         )
         out: list[_Candidate] = []

@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from exporters.alertmanager import rfc3339
+from exporters.history.http import add_history_routes
+from exporters.history.store import HistoryStore
 from exporters.snapshot import SnapshotHolder
 from rules import lifecycle
 
@@ -60,11 +62,14 @@ def _ts(ms: int | None) -> str | None:
 
 def current_alerts(holder: SnapshotHolder, state: set[str] | None, labels: dict[str, str]) -> list[dict[str, Any]]:
     """The alert table as API objects; `state` (if given) and `labels` (exact matches) filter."""
-    alerts = holder.get().result.alerts
+    result = holder.get().result
+    alerts = result.alerts
     if state is not None:
         alerts = alerts.filter(pl.col("state").is_in(sorted(state)))
+    if "alertname" in labels:  # narrow before joining labels and annotations
+        alerts = alerts.filter(pl.col("alertname") == labels["alertname"])
     out: list[dict[str, Any]] = []
-    rows = alerts.sort("alertname", "alert_key").select(
+    rows = result.with_details(alerts).filter(pl.col("labels").is_not_null()).sort("alertname", "alert_key").select(
         "state", "labels", "annotations", "active_at_ms", "fired_at_ms", "resolved_at_ms"
     )
     for alert_state, labels_json, annotations_json, active_at, fired_at, resolved_at in rows.iter_rows():
@@ -127,9 +132,11 @@ async def _status(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
-def make_app(holder: SnapshotHolder, registry: CollectorRegistry, readiness: Readiness) -> web.Application:
+def make_app(
+    holder: SnapshotHolder, registry: CollectorRegistry, readiness: Readiness, history: HistoryStore | None = None
+) -> web.Application:
     """The HTTP application. `readiness()` returns (ready, reason); it is called per request
-    to /readyz and / and must be cheap and non-blocking."""
+    to /readyz and / and must be cheap and non-blocking. `history` serves /api/v1/history/..."""
     app = web.Application()
     app[HOLDER] = holder
     app[REGISTRY] = registry
@@ -139,6 +146,7 @@ def make_app(holder: SnapshotHolder, registry: CollectorRegistry, readiness: Rea
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/api/v1/alerts", _alerts)
     app.router.add_get("/", _status)
+    add_history_routes(app, history)
     return app
 
 

@@ -4,6 +4,10 @@ A custom collector rather than labelled Gauges: each scrape reads one immutable 
 builds fresh families from it, so concurrent scrapes never see half an update, and a VM, node
 or link that left the state tables vanishes from the next scrape (Prometheus then stale-marks
 it) instead of being exported forever with its last value.
+
+A family whose view column does not exist (yet) is simply not exported: the rule engine's views
+grow columns over time (e.g. `missed_cycles_ratio`), and an older or newer engine must never
+make a scrape fail.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ _REPLICATION_GAUGES = (
         "rpowatch_replication_pending_bytes",
         "pending_bytes",
         "Tracked changes not yet sent to the replica (replication log backlog), in bytes.",
+    ),
+    (
+        "rpowatch_replication_missed_cycles_ratio",
+        "missed_cycles_ratio",
+        "Missed replication cycles divided by expected cycles in the monitoring window.",
     ),
     (
         "rpowatch_replication_time_to_breach_seconds",
@@ -156,8 +165,10 @@ def _gauges(
     frame: pl.DataFrame, labels: Sequence[str], specs: Iterable[tuple[str, str, str]]
 ) -> Iterator[GaugeMetricFamily]:
     """One gauge family per spec over `frame`, skipping null and NaN values (an unknown value
-    is absent, not zero)."""
-    specs = list(specs)
+    is absent, not zero). A spec whose column the frame lacks yields no family."""
+    specs = [spec for spec in specs if spec[1] in frame.columns]
+    if not specs:
+        return
     label_dicts = _label_dicts(frame, labels)
     values = frame.select(pl.col(col).cast(pl.Float64) for _, col, _ in specs)
     for name, column, doc in specs:
@@ -181,6 +192,9 @@ class RpowatchCollector(Collector):
     replication health is not normal or whose backup is older than its RPO, "none" drops
     per-VM families; cluster, link, node, alert and self metrics are always exported.
     `clock` (Unix seconds) is the scrape-time "now" for lag; tests inject it.
+    `known_alerts` ((alertname, severity) of every rule) and `alertmanager_urls` pre-initialise
+    `rpowatch_alerts` and the notification counters at 0, so they exist (and rates and ratios
+    over them work) before the first alert fires or is sent.
     """
 
     def __init__(
@@ -189,6 +203,7 @@ class RpowatchCollector(Collector):
         export_per_vm: PerVm = "all",
         clock: Callable[[], float] = time.time,
         known_alerts: Iterable[tuple[str, str]] = (),
+        alertmanager_urls: Iterable[str] = (),
     ) -> None:
         if export_per_vm not in ("all", "violating", "none"):
             raise ValueError(f"export_per_vm must be all, violating or none, not {export_per_vm!r}")
@@ -198,6 +213,7 @@ class RpowatchCollector(Collector):
         # (alertname, severity) of every rule: exported as 0 when nothing fires, so a count that
         # drops to zero reads 0 rather than disappearing.
         self._known_alerts = tuple(known_alerts)
+        self._alertmanager_urls = tuple(alertmanager_urls)
         self._version = build_version()
 
     def describe(self) -> Iterable[Metric]:
@@ -225,29 +241,38 @@ class RpowatchCollector(Collector):
 
     def _replication(self, views: Views) -> Iterator[Metric]:
         frame = views.vm_replication
-        if self._per_vm == "violating":
+        columns = set(frame.columns)
+        if self._per_vm == "violating" and "health_state" in columns:
             frame = frame.filter(pl.col("health_state") != "normal")
         now_s = self._clock()
         # The view was computed at the last tick; lag keeps growing between ticks, so it is
         # recomputed from the recovery point at scrape time (contracts.md §3). Without a
         # recovery point, the view's lag (since first seen) is advanced by the time since.
         elapsed = now_s - views.now_ms / 1000.0
-        last_rp = pl.col("last_recovery_point_seconds")
-        ttb = pl.col("time_to_breach_seconds")
-        frame = frame.with_columns(
-            pl.when(last_rp.is_not_null())
-            .then(pl.lit(now_s) - last_rp)
-            .otherwise(pl.col("lag_seconds") + elapsed)
-            .alias("lag_seconds"),
+        moving: list[pl.Expr] = []
+        if {"last_recovery_point_seconds", "lag_seconds"} <= columns:
+            last_rp = pl.col("last_recovery_point_seconds")
+            moving.append(
+                pl.when(last_rp.is_not_null())
+                .then(pl.lit(now_s) - last_rp)
+                .otherwise(pl.col("lag_seconds") + elapsed)
+                .alias("lag_seconds")
+            )
+        if "time_to_breach_seconds" in columns:
             # The predicted breach moves closer by the same elapsed time.
-            pl.when(ttb.is_infinite())
-            .then(ttb)
-            .otherwise(pl.max_horizontal(ttb - elapsed, pl.lit(0.0)))
-            .alias("time_to_breach_seconds"),
-        )
+            ttb = pl.col("time_to_breach_seconds")
+            moving.append(
+                pl.when(ttb.is_infinite())
+                .then(ttb)
+                .otherwise(pl.max_horizontal(ttb - elapsed, pl.lit(0.0)))
+                .alias("time_to_breach_seconds")
+            )
+        if moving:
+            frame = frame.with_columns(moving)
         yield from _gauges(frame, REPLICATION_LABELS, _REPLICATION_GAUGES)
         yield from _gauges(frame, BACKUP_LABELS, (_FAILOVER_TEST,))
-        yield self._health(frame)
+        if "health_state" in columns:
+            yield self._health(frame)
 
     def _health(self, frame: pl.DataFrame) -> GaugeMetricFamily:
         family = GaugeMetricFamily(
@@ -265,7 +290,7 @@ class RpowatchCollector(Collector):
 
     def _backup(self, views: Views) -> Iterator[Metric]:
         frame = views.vm_backup
-        if self._per_vm == "violating":
+        if self._per_vm == "violating" and {"backup_age_seconds", "backup_rpo_target_seconds"} <= set(frame.columns):
             frame = frame.filter(
                 (pl.col("backup_age_seconds") > pl.col("backup_rpo_target_seconds")).fill_null(False)
             )
@@ -322,7 +347,8 @@ class RpowatchCollector(Collector):
             "Alerts posted to the Alertmanager, successfully or not.",
             labels=["url"],
         )
-        for url, n in sorted(stats.alertmanager_notifications_total.items()):
+        urls = self._alertmanager_urls
+        for url, n in sorted(_with_zeros(stats.alertmanager_notifications_total, urls).items()):
             sent.add_metric([url], n)
         yield sent
         failed = CounterMetricFamily(
@@ -330,7 +356,7 @@ class RpowatchCollector(Collector):
             "Alerts whose post to the Alertmanager failed (connection error, timeout or non-2xx).",
             labels=["url"],
         )
-        for url, n in sorted(stats.alertmanager_notifications_failed_total.items()):
+        for url, n in sorted(_with_zeros(stats.alertmanager_notifications_failed_total, urls).items()):
             failed.add_metric([url], n)
         yield failed
         info = GaugeMetricFamily(
@@ -339,3 +365,7 @@ class RpowatchCollector(Collector):
         info.add_metric([self._version], 1.0)
         yield info
 
+
+def _with_zeros(counts: dict[str, int], keys: Iterable[str]) -> dict[str, int]:
+    """`counts` plus 0 for every key it lacks."""
+    return {**{key: 0 for key in keys}, **counts}

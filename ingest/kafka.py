@@ -1,7 +1,37 @@
 """Kafka consumer-group source (aiokafka).
 
-Auto-commit is off: offsets are committed per partition only after the pipeline has applied a
-batch and handed its dead letters over (at-least-once; the engine ignores repeated event ids).
+What happens to a record, in order:
+  1. a fetch task calls `getmany` (bounded by count and the poll timeout) and queues the records
+     as one batch per stream, each carrying the next offset of every partition it covers;
+  2. the pipeline takes a batch (`batches()`), decodes it off the event loop, shows the decoded
+     rows to `before_apply` (which notes the instances of each partition and holds those of
+     partitions being rebuilt), applies them, hands the rejects to the dead-letter sink;
+  3. `commit(batch)` commits the batch's positions (at-least-once; the engine ignores repeated
+     event ids). A commit refused after a rebalance (`CommitFailedError`) is logged, not raised:
+     the new owner reads those records again.
+
+Consumer group: the three topics are co-partitioned by `cluster_id` (same partition count), and
+the range assignor gives a member the same partition numbers of every topic, so a member owns
+whole Azure Local instances. On a rebalance (aiokafka's protocol is eager: every partition is
+revoked, then the new assignment is handed out):
+  - revoke: undelivered batches are discarded (re-read from the committed offsets), delivered
+    ones are waited for until applied and committed;
+  - assign: instances of partitions this member lost are dropped (their series vanish); the
+    partitions it gained are rebuilt by replaying `replay_window_ms` of them (`offsets_for_times`
+    + `seek`) up to the group's committed offset, their instances held until that replay is
+    applied, so a hand-over neither invents nor loses an alert. Positions below the committed
+    offset are never committed again (that would move the group backwards).
+
+Backpressure: while more than `max_in_flight_batches` batches are queued or being applied, every
+assigned partition is paused; `getmany` keeps being called (it then waits its timeout and
+returns nothing), so the member stays in the group. Memory is bounded by the in-flight batches
+plus aiokafka's fetch buffers.
+
+Broker trouble: aiokafka reconnects by itself and `getmany` returns quietly (and empty) while
+the broker is away (aiokafka #992), so `up` is not inferred from silence: a probe task asks for
+cluster metadata (`topics()`) whenever no record arrived for a second, backing off to every
+8 s while the broker is unreachable. A consumer that cannot start is retried with backoff.
+
 Values are never deserialized by aiokafka, so a poison record cannot wedge the consumer (a
 raising `value_deserializer` re-raises on the same record forever, aiokafka #744).
 """
@@ -11,21 +41,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
+import polars as pl
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.conn import create_conn
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.helpers import create_ssl_context
+from pydantic import SecretStr
 
 from ingest.contracts import Stream
-from ingest.source import Batch
+from ingest.partitions import PartitionOwnership, TopicPartitionKey
+from ingest.source import Batch, InstanceState
 
 logger = logging.getLogger(__name__)
 
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
+PROBE_INTERVAL_S = 1.0
+PROBE_MAX_INTERVAL_S = 8.0
+PROBE_TIMEOUT_S = 5.0
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 @dataclass(frozen=True)
@@ -37,119 +81,575 @@ class KafkaSettings:
     max_batch_records: int = 10_000
     poll_timeout_ms: int = 200
     auto_offset_reset: str = "earliest"
-    security: tuple[tuple[str, Any], ...] = ()  # extra aiokafka client arguments (TLS, SASL)
+    # Connection arguments shared with producers (TLS, SASL, timeouts): see `client_security`.
+    # Secrets stay `SecretStr` in here and are unwrapped only when a client is built.
+    security: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+    # How far back a newly assigned partition is replayed (by record timestamp) to rebuild the
+    # state of its instances. 0 turns rebuilding off.
+    replay_window_ms: int = 2 * 3600 * 1000
+    max_in_flight_batches: int = 4
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_interval_ms: int = 300_000
+    # Revoking waits for the batches being applied; the group waits this long for members.
+    rebalance_timeout_ms: int = 60_000
+    # More topics, as (topic, stream, format): a format other than "canonical" is read by an
+    # adapter (ingest/adapters), and the stream is where records it cannot read count.
+    extra_topics: tuple[tuple[str, Stream, str], ...] = ()
+
+
+def client_security(
+    *,
+    security_protocol: SecurityProtocol = "PLAINTEXT",
+    ssl_ca_file: Path | None = None,
+    ssl_cert_file: Path | None = None,
+    ssl_key_file: Path | None = None,
+    ssl_key_password: SecretStr | None = None,
+    sasl_mechanism: SaslMechanism | None = None,
+    sasl_username: str | None = None,
+    sasl_password: SecretStr | None = None,
+    request_timeout_ms: int | None = None,
+    metadata_max_age_ms: int | None = None,
+    connections_max_idle_ms: int | None = None,
+) -> tuple[tuple[str, Any], ...]:
+    """aiokafka client arguments common to consumers and producers.
+
+    TLS (`SSL`, `SASL_SSL`) verifies the broker against `ssl_ca_file`, or the system's CAs
+    without one (Azure Event Hubs), and checks its host name; `ssl_cert_file`/`ssl_key_file` add a
+    client certificate. SASL PLAIN and SCRAM both take `sasl_username`/`sasl_password`."""
+    out: list[tuple[str, Any]] = [("security_protocol", security_protocol)]
+    if security_protocol in ("SSL", "SASL_SSL"):
+        password = ssl_key_password.get_secret_value() if ssl_key_password is not None else None
+        context = create_ssl_context(
+            cafile=str(ssl_ca_file) if ssl_ca_file else None,
+            certfile=str(ssl_cert_file) if ssl_cert_file else None,
+            keyfile=str(ssl_key_file) if ssl_key_file else None,
+            password=password,
+        )
+        out.append(("ssl_context", context))
+    if security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        out.append(("sasl_mechanism", sasl_mechanism or "PLAIN"))
+        out.append(("sasl_plain_username", sasl_username))
+        out.append(("sasl_plain_password", sasl_password))
+    for name, value in (
+        ("request_timeout_ms", request_timeout_ms),
+        ("metadata_max_age_ms", metadata_max_age_ms),
+        ("connections_max_idle_ms", connections_max_idle_ms),
+    ):
+        if value is not None:
+            out.append((name, value))
+    return tuple(out)
+
+
+def _client_kwargs(security: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in security}
+
+
+@dataclass
+class _Rebuild:
+    """A partition whose instances' state is being rebuilt by a replay."""
+
+    target: int  # caught up once applied up to here (the group's committed offset, or the end)
+    commit_floor: int  # positions at or below this are not committed (-1: commit everything)
+    release_after: int | None = None  # set once fetched to `target`: the last batch that may hold replayed records
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, source: KafkaSource, consumer: AIOKafkaConsumer) -> None:
+        self._source = source
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._source._partitions_revoked(self._consumer, set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._source._partitions_assigned(self._consumer, set(assigned))
 
 
 class KafkaSource:
-    name = "kafka"
+    """Implements `ingest.source.Source` and `ingest.source.PartitionedSource`."""
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, name: str = "kafka") -> None:
+        self.name = name
         self._settings = settings
         self._stream_of = {topic: stream for stream, topic in settings.topics.items()}
+        self._stream_of.update({topic: stream for topic, stream, _ in settings.extra_topics})
+        self._format_of = {topic: fmt for topic, _, fmt in settings.extra_topics}
         self._consumer: AIOKafkaConsumer | None = None
         self._up = False
+        self._state: InstanceState | None = None
+        self._fetcher: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
+        # Batches fetched but not yet handed over, as (generation, sequence, batch); a revoke
+        # bumps the generation, so nothing fetched under the old assignment is handed over.
+        self._queue: deque[tuple[int, int, Batch]] = deque()
+        self._has_batches = asyncio.Event()
+        self._generation = 0
+        self._next_seq = 1
+        self._seq_of: dict[int, int] = {}  # id(batch) -> sequence, while delivered
+        self._delivered: deque[Batch] = deque()  # handed over, not yet committed
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._applied_seq = 0  # highest sequence committed
+        self._owned: set[TopicPartition] = set()
+        self._rebuilding: dict[TopicPartition, _Rebuild] = {}
+        # Instances held while rebuilding, by partition number: the topics are co-partitioned, so
+        # partition N of every topic carries the same instances, and an instance is complete only
+        # once partition N of every topic is rebuilt.
+        self._held: dict[int, set[str]] = {}
+        self._ownership = PartitionOwnership()
+        self._last_records = 0.0  # monotonic time records last arrived
+        # Observable counters (tests, logs).
+        self.pauses = 0
+        self.rebalances = 0
+        self.replays = 0
+
+    # --- Source ----------------------------------------------------------------------------------
 
     @property
     def up(self) -> bool:
         return self._up
 
+    @property
+    def rebuilding(self) -> bool:
+        return bool(self._rebuilding)
+
+    @property
+    def owned_partitions(self) -> set[tuple[str, int]]:
+        return {(tp.topic, tp.partition) for tp in self._owned}
+
+    def attach(self, state: InstanceState) -> None:
+        self._state = state
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        self._start_tasks()
+        while True:
+            while not self._queue:
+                self._has_batches.clear()
+                await self._has_batches.wait()
+            generation, seq, batch = self._queue.popleft()
+            if generation != self._generation:
+                continue
+            self._seq_of[id(batch)] = seq
+            self._delivered.append(batch)
+            self._drained.clear()
+            yield batch
+
+    async def before_apply(self, batch: Batch, valid: pl.DataFrame, rejects: pl.DataFrame) -> None:
+        if batch.source != self.name or valid.is_empty():
+            return
+        try:
+            seen = self._ownership.observe(batch, valid, rejects)
+        except ValueError:
+            # A decoder whose valid rows do not map back to inputs one to one (an adapter):
+            # credit each instance to every partition of the batch. On a revoke that keeps an
+            # instance whenever one of those partitions stays here — stale rather than lost.
+            fallback = valid.select("cluster_id").unique()
+            parts = {(t, p) for t, p in zip(batch.topics, batch.partitions, strict=True)}
+            seen = pl.concat(
+                [
+                    fallback.select(
+                        pl.lit(t, pl.String).alias("topic"), pl.lit(p, pl.Int32).alias("partition"), "cluster_id"
+                    )
+                    for t, p in sorted(parts)
+                ]
+            )
+            self._ownership.frame = pl.concat([self._ownership.frame, seen]).unique()
+        if not self._rebuilding or self._state is None:
+            return
+        to_hold: set[str] = set()
+        for number in {tp.partition for tp in self._rebuilding}:
+            ids = set(seen.filter(pl.col("partition") == number).get_column("cluster_id").to_list())
+            new = ids - self._held.get(number, set())
+            if new:
+                self._held.setdefault(number, set()).update(new)
+                to_hold |= new
+        if to_hold:
+            await self._state.hold_instances(sorted(to_hold))
+
+    async def commit(self, batch: Batch) -> None:
+        seq = self._seq_of.pop(id(batch), None)
+        for i, delivered in enumerate(self._delivered):
+            if delivered is batch:
+                del self._delivered[i]
+                break
+        if seq is not None:
+            self._applied_seq = max(self._applied_seq, seq)
+        try:
+            await self._commit_positions(batch)
+            await self._release_caught_up()
+        finally:
+            if not self._delivered:
+                self._drained.set()
+
+    async def close(self) -> None:
+        for task in (self._prober, self._fetcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._prober = self._fetcher = None
+        if self._consumer is not None:
+            await _stop_quietly(self._consumer)
+            self._consumer = None
+        self._up = False
+
+    # --- fetching --------------------------------------------------------------------------------
+
+    def _start_tasks(self) -> None:
+        if self._fetcher is None or self._fetcher.done():
+            self._fetcher = asyncio.create_task(self._fetch_forever(), name=f"{self.name}-fetch")
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.create_task(self._probe_forever(), name=f"{self.name}-probe")
+
     def _new_consumer(self) -> AIOKafkaConsumer:
         s = self._settings
-        return AIOKafkaConsumer(
-            *s.topics.values(),
+        consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
             group_id=s.group_id,
             client_id=s.client_id,
             enable_auto_commit=False,
             auto_offset_reset=s.auto_offset_reset,
-            **dict(s.security),
+            # Same partition numbers of every topic to one member: it owns whole instances.
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            rebalance_timeout_ms=s.rebalance_timeout_ms,
+            max_poll_records=s.max_batch_records,
+            **_client_kwargs(s.security),
         )
+        topics = [*s.topics.values(), *(topic for topic, _, _ in s.extra_topics)]
+        consumer.subscribe(topics, listener=_Rebalance(self, consumer))
+        return consumer
 
     async def _connect(self) -> AIOKafkaConsumer:
         """Start a consumer, retrying with exponential backoff while the broker is away."""
+        s = self._settings
         delay = BACKOFF_INITIAL_S
         while True:
             consumer = self._new_consumer()
             try:
                 await consumer.start()
-                logger.info("kafka: connected to %s as group %s", self._settings.bootstrap_servers, self._settings.group_id)
-                return consumer
             except KafkaError as exc:
-                self._up = False
-                logger.warning("kafka: cannot connect to %s (%s); retrying in %.1f s", self._settings.bootstrap_servers, exc, delay)
-                await _stop_quietly(consumer)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
+                failure = exc
+            else:
+                logger.info("kafka: connected to %s as group %s", s.bootstrap_servers, s.group_id)
+                self._up = True
+                return consumer
+            self._up = False
+            await _stop_quietly(consumer)
+            logger.error(
+                "kafka: cannot connect to %s: %s; retrying in %.1f s",
+                s.bootstrap_servers,
+                await diagnose(s.bootstrap_servers, s.client_id, s.security, failure),
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
 
-    async def batches(self) -> AsyncIterator[Batch]:
+    async def _fetch_forever(self) -> None:
         s = self._settings
         while True:
             if self._consumer is None:
                 self._consumer = await self._connect()
             consumer = self._consumer
+            self._backpressure(consumer)
             try:
                 polled = await consumer.getmany(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch_records)
             except KafkaError as exc:
-                # aiokafka reconnects by itself for most errors; a fatal one needs a new consumer.
-                logger.warning("kafka: fetch failed (%s); reconnecting", exc)
+                # aiokafka retries transient errors itself; what reaches us needs a new consumer.
+                logger.warning("kafka: fetch failed (%s); reconnecting", describe_error(exc))
                 self._up = False
                 self._consumer = None
+                self._queue.clear()
+                self._generation += 1
                 await _stop_quietly(consumer)
                 await asyncio.sleep(BACKOFF_INITIAL_S)
                 continue
-            # getmany returns quietly while the broker is down (aiokafka #992): ask the client
-            # whether it still has a live connection instead of trusting silence.
-            self._up = _connected(consumer)
-            for batch in self._to_batches(polled):
-                yield batch
+            if polled:
+                self._last_records = time.monotonic()
+                self._up = True
+                for batch in self._to_batches(polled):
+                    self._queue.append((self._generation, self._next_seq, batch))
+                    self._next_seq += 1
+                self._has_batches.set()
+            if self._rebuilding:
+                await self._note_replay_progress(consumer)
+
+    def _backpressure(self, consumer: AIOKafkaConsumer) -> None:
+        """Pause every assigned partition while too many batches are in flight; resume once half
+        of them are done."""
+        limit = self._settings.max_in_flight_batches
+        in_flight = len(self._queue) + len(self._delivered)
+        assigned = consumer.assignment()
+        paused = consumer.paused()
+        if in_flight >= limit and assigned - paused:
+            consumer.pause(*(assigned - paused))
+            self.pauses += 1
+            logger.debug("kafka: %d batches in flight; paused %d partitions", in_flight, len(assigned))
+        elif paused and in_flight <= limit // 2:
+            consumer.resume(*paused)
+            logger.debug("kafka: %d batches in flight; resumed", in_flight)
 
     def _to_batches(self, polled: dict[TopicPartition, list[Any]]) -> list[Batch]:
         received = int(time.time() * 1000)
-        by_stream: dict[Stream, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
+        by_stream: dict[tuple[Stream, str], list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
         for tp, records in polled.items():
             if records:
-                by_stream[self._stream_of[tp.topic]].append((tp, records))
+                by_stream[(self._stream_of[tp.topic], self._format_of.get(tp.topic, "canonical"))].append((tp, records))
         batches = []
-        for stream, parts in by_stream.items():
+        for (stream, fmt), parts in by_stream.items():
             payloads: list[bytes] = []
             topics: list[str] = []
             partitions: list[int] = []
             offsets: list[int] = []
             positions: dict[tuple[str, int], int] = {}
             for tp, records in parts:
-                payloads.extend(r.value if r.value is not None else b"" for r in records)
-                offsets.extend(r.offset for r in records)
+                values = [r.value for r in records]
+                if None in values:  # a tombstone: an empty payload, dead-lettered as not JSON
+                    values = [v if v is not None else b"" for v in values]
+                payloads.extend(values)
+                offsets.extend([r.offset for r in records])
                 topics.extend([tp.topic] * len(records))
                 partitions.extend([tp.partition] * len(records))
                 positions[(tp.topic, tp.partition)] = records[-1].offset + 1
-            batches.append(Batch(self.name, stream, payloads, topics, partitions, offsets, received, positions))
+            batches.append(Batch(self.name, stream, payloads, topics, partitions, offsets, received, positions, fmt))
         return batches
 
-    async def commit(self, batch: Batch) -> None:
-        if self._consumer is None or not batch.positions:
+    async def _probe_forever(self) -> None:
+        interval = PROBE_INTERVAL_S
+        while True:
+            await asyncio.sleep(interval)
+            consumer = self._consumer
+            if consumer is None:
+                continue  # _connect keeps `up` false and logs
+            if time.monotonic() - self._last_records < interval:
+                ok = True
+            else:
+                try:
+                    await asyncio.wait_for(consumer.topics(), PROBE_TIMEOUT_S)
+                    ok = True
+                except (KafkaError, TimeoutError) as exc:
+                    ok = False
+                    if self._up:
+                        logger.warning(
+                            "kafka: %s unreachable (%s); serving what is known, retrying",
+                            self._settings.bootstrap_servers,
+                            describe_error(exc),
+                        )
+            if ok and not self._up:
+                logger.info("kafka: %s reachable again", self._settings.bootstrap_servers)
+            self._up = ok
+            interval = PROBE_INTERVAL_S if ok else min(interval * 2, PROBE_MAX_INTERVAL_S)
+
+    # --- commits ---------------------------------------------------------------------------------
+
+    async def _commit_positions(self, batch: Batch) -> None:
+        consumer = self._consumer
+        if consumer is None or not batch.positions:
             return
-        offsets = {TopicPartition(t, p): o for (t, p), o in batch.positions.items()}
+        assigned = consumer.assignment()
+        offsets: dict[TopicPartition, int] = {}
+        for (topic, partition), position in batch.positions.items():
+            tp = TopicPartition(topic, partition)
+            rebuild = self._rebuilding.get(tp)
+            if tp in assigned and (rebuild is None or position > rebuild.commit_floor):
+                offsets[tp] = position
+        if not offsets:
+            return
         try:
-            await self._consumer.commit(offsets)
+            await consumer.commit(offsets)
         except CommitFailedError as exc:
             # The partitions moved to another member during the batch; it will re-read them.
             logger.info("kafka: commit refused after a rebalance (%s); records will be redelivered", exc)
+        except IllegalStateError as exc:
+            logger.info("kafka: commit skipped, partitions no longer assigned (%s)", exc)
         except KafkaError as exc:
             logger.warning("kafka: commit failed (%s); records since the last commit will be redelivered", exc)
 
-    async def close(self) -> None:
-        if self._consumer is not None:
-            await _stop_quietly(self._consumer)
-            self._consumer = None
-        self._up = False
+    # --- rebalancing -----------------------------------------------------------------------------
+
+    async def _partitions_revoked(self, consumer: AIOKafkaConsumer, revoked: set[TopicPartition]) -> None:
+        """Before the group rebalances: nothing fetched under this assignment is handed over any
+        more, and what was handed over is applied and committed (or given up on after half the
+        rebalance timeout, to stay in the group)."""
+        self.rebalances += 1
+        self._generation += 1
+        self._queue.clear()
+        if self._delivered:
+            timeout = self._settings.rebalance_timeout_ms / 2000
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout)
+            except TimeoutError:
+                logger.warning(
+                    "kafka: %d batches still being applied after %.0f s; rebalancing without them",
+                    len(self._delivered),
+                    timeout,
+                )
+        logger.info("kafka: partitions revoked for a rebalance: %s", _names(revoked))
+
+    async def _partitions_assigned(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
+        try:
+            lost = self._owned - assigned
+            if lost:
+                ids = self._ownership.forget(_keys(lost))
+                for tp in lost:
+                    self._rebuilding.pop(tp, None)
+                for number in {tp.partition for tp in lost} - {tp.partition for tp in self._rebuilding}:
+                    self._held.pop(number, None)  # dropped instances are no longer held
+                if ids and self._state is not None:
+                    await self._state.drop_instances(ids)
+                logger.info("kafka: lost %s; dropped the state of %d instances", _names(lost), len(ids))
+            # Gained partitions, and kept ones whose rebuild the rebalance interrupted.
+            fresh = {tp for tp in assigned if tp not in self._owned or tp in self._rebuilding}
+            self._owned = set(assigned)
+            if fresh:
+                await self._begin_rebuild(consumer, fresh)
+            logger.info("kafka: assigned %s", _names(assigned))
+        except Exception:  # aiokafka would only log it; say what it means here
+            logger.exception("kafka: handling the new assignment failed; state may be incomplete")
+
+    async def _begin_rebuild(self, consumer: AIOKafkaConsumer, fresh: set[TopicPartition]) -> None:
+        s = self._settings
+        tps = sorted(fresh)
+        now_ms = int(time.time() * 1000)
+        try:
+            committed = {tp: await consumer.committed(tp) for tp in tps}
+            begins = await consumer.beginning_offsets(tps)
+            ends = await consumer.end_offsets(tps)
+            by_time = (
+                await consumer.offsets_for_times({tp: max(0, now_ms - s.replay_window_ms) for tp in tps})
+                if s.replay_window_ms > 0
+                else {}
+            )
+        except KafkaError as exc:
+            logger.error(
+                "kafka: cannot look up where to replay %s from (%s); they continue from their "
+                "committed offsets without rebuilding their state",
+                _names(fresh),
+                describe_error(exc),
+            )
+            for tp in tps:
+                self._rebuilding[tp] = _Rebuild(target=-1, commit_floor=-1, release_after=0)
+            await self._release_caught_up()
+            return
+        for tp in tps:
+            last = committed[tp]
+            live = last if last is not None else (begins[tp] if s.auto_offset_reset == "earliest" else ends[tp])
+            target = last if last is not None else ends[tp]
+            found = by_time.get(tp)
+            start = found.offset if found is not None else ends[tp]
+            start = max(begins[tp], min(start, live))
+            if start < target:
+                consumer.seek(tp, start)
+                self._rebuilding[tp] = _Rebuild(target=target, commit_floor=last if last is not None else -1)
+                self.replays += 1
+                logger.info(
+                    "kafka: rebuilding %s:%d from offset %d (replay window %.0f s) up to %d",
+                    tp.topic,
+                    tp.partition,
+                    start,
+                    s.replay_window_ms / 1000,
+                    target,
+                )
+            else:
+                consumer.seek(tp, live)
+                # Nothing to replay: done at once (releasing what an interrupted rebuild held).
+                self._rebuilding[tp] = _Rebuild(target=-1, commit_floor=-1, release_after=0)
+        await self._release_caught_up()
+
+    async def _note_replay_progress(self, consumer: AIOKafkaConsumer) -> None:
+        for tp, rebuild in list(self._rebuilding.items()):
+            if rebuild.release_after is not None:
+                continue
+            try:
+                position = await consumer.position(tp)
+            except (IllegalStateError, KafkaError):
+                continue
+            if position >= rebuild.target:
+                rebuild.release_after = self._next_seq - 1
+        await self._release_caught_up()
+
+    async def _release_caught_up(self) -> None:
+        done = [
+            tp
+            for tp, rebuild in self._rebuilding.items()
+            if rebuild.release_after is not None and rebuild.release_after <= self._applied_seq
+        ]
+        for tp in done:
+            del self._rebuilding[tp]
+        ids: set[str] = set()
+        for number in {tp.partition for tp in done} - {tp.partition for tp in self._rebuilding}:
+            ids |= self._held.pop(number, set())
+        if done:
+            logger.info("kafka: rebuilt %s (%d instances)", _names(done), len(ids))
+        if ids and self._state is not None:
+            await self._state.release_instances(sorted(ids))
 
 
-def _connected(consumer: AIOKafkaConsumer) -> bool:
-    client = getattr(consumer, "_client", None)
-    conns = getattr(client, "_conns", None)
-    if not conns:
-        return False
-    return any(conn.connected() for conn in conns.values())
+async def diagnose(
+    bootstrap_servers: str, client_id: str, security: Iterable[tuple[str, Any]], error: BaseException
+) -> str:
+    """Why a client could not start, as one line with a hint. aiokafka only says "Unable to
+    bootstrap" and logs the cause (TLS, SASL) at a level the CLI silences, so open one connection
+    to the first bootstrap server with the same settings and report what that says."""
+    kwargs = _client_kwargs(security)
+    host, _, port = bootstrap_servers.split(",")[0].strip().rpartition(":")
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(
+                host or "localhost",
+                int(port or 9092),
+                client_id=client_id,
+                request_timeout_ms=kwargs.get("request_timeout_ms", 10_000),
+                ssl_context=kwargs.get("ssl_context"),
+                security_protocol=kwargs.get("security_protocol", "PLAINTEXT"),
+                sasl_mechanism=kwargs.get("sasl_mechanism"),
+                sasl_plain_username=kwargs.get("sasl_plain_username"),
+                sasl_plain_password=kwargs.get("sasl_plain_password"),
+            ),
+            PROBE_TIMEOUT_S * 2,
+        )
+    except (OSError, KafkaError, TimeoutError, ValueError) as exc:
+        described = describe_error(exc)
+        return f"{_hint(exc, described, kwargs)}{described}"
+    conn.close()
+    return describe_error(error)
+
+
+def _hint(exc: BaseException, described: str, kwargs: dict[str, Any]) -> str:
+    text = described.lower()
+    protocol = kwargs.get("security_protocol", "PLAINTEXT")
+    if "authentication" in text or "sasl" in text:
+        return "SASL authentication failed (check sasl_mechanism, sasl_username, sasl_password): "
+    if "certificate verify failed" in text:
+        return "the broker's TLS certificate is not trusted or does not name it (check ssl_ca_file): "
+    if "certificate required" in text or ("alert" in text and protocol in ("SSL", "SASL_SSL")):
+        return "TLS refused; does the broker require a client certificate (ssl_cert_file, ssl_key_file)? "
+    if isinstance(exc, ConnectionRefusedError):
+        return "nothing listens there: "
+    if protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+        return f"no answer to {protocol}; does the listener expect TLS (security_protocol)? "
+    return ""
+
+
+def describe_error(exc: BaseException) -> str:
+    """An aiokafka error as one line an operator can act on (aiokafka's own texts are terse and
+    the cause is often chained)."""
+    parts = [f"{type(exc).__name__}: {exc}".rstrip(": ")]
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and len(parts) < 4:
+        parts.append(f"{type(cause).__name__}: {cause}".rstrip(": "))
+        cause = cause.__cause__ or cause.__context__
+    return " <- ".join(parts)
+
+
+def _keys(tps: Iterable[TopicPartition]) -> list[TopicPartitionKey]:
+    return [(tp.topic, tp.partition) for tp in tps]
+
+
+def _names(tps: Iterable[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}:{tp.partition}" for tp in sorted(tps)) or "none"
 
 
 async def _stop_quietly(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
@@ -159,15 +659,27 @@ async def _stop_quietly(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
         logger.debug("kafka: error while stopping a client", exc_info=True)
 
 
-async def start_producer(bootstrap_servers: str, client_id: str, security: tuple[tuple[str, Any], ...] = ()) -> AIOKafkaProducer:
-    """An idempotent producer (acks=all), for dead letters and the simulator."""
+async def start_producer(
+    bootstrap_servers: str,
+    client_id: str,
+    security: tuple[tuple[str, Any], ...] = (),
+    *,
+    max_request_size: int | None = None,
+) -> AIOKafkaProducer:
+    """An idempotent producer (acks=all), for dead letters, the bridge and the simulator."""
+    extra: dict[str, Any] = {"max_request_size": max_request_size} if max_request_size else {}
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
         client_id=client_id,
         enable_idempotence=True,
         acks="all",
         linger_ms=5,
-        **dict(security),
+        **extra,
+        **_client_kwargs(security),
     )
-    await producer.start()
+    try:
+        await producer.start()
+    except BaseException:
+        await _stop_quietly(producer)
+        raise
     return producer

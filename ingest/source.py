@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import polars as pl
 
@@ -28,6 +28,10 @@ class Batch:
     offsets: list[int]
     received_at_ms: int
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    # How the payloads are written: "canonical" (contracts.md §1), or a real telemetry format
+    # that an adapter (ingest/adapters) turns into canonical events; then `stream` is only the
+    # stream under which records the adapter cannot read at all are counted.
+    format: str = "canonical"
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -63,3 +67,39 @@ class DeadLetterSink(Protocol):
     async def send(self, batch: Batch, rejects: pl.DataFrame) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class InstanceState(Protocol):
+    """What a partitioned source asks of the pipeline's state when its partitions move (the
+    service implements it over the rule engine). Each call returns once done; all are
+    idempotent and never raise on unknown ids."""
+
+    async def drop_instances(self, cluster_ids: Collection[str]) -> None:
+        """Forget these Azure Local instances: another consumer owns them now."""
+
+    async def hold_instances(self, cluster_ids: Collection[str]) -> None:
+        """Freeze their alerts (nothing fires or resolves) while their state is rebuilt."""
+
+    async def release_instances(self, cluster_ids: Collection[str]) -> None:
+        """Their state is rebuilt: evaluate them again."""
+
+
+@runtime_checkable
+class PartitionedSource(Protocol):
+    """A source whose records are split across the members of a consumer group (Kafka), each
+    member owning the instances of its partitions. Besides `Source`:
+
+    `attach(state)` is called once, before `batches()`. On a rebalance the source calls
+    `state.drop_instances` for the instances of partitions it lost, and rebuilds the state of
+    partitions it gained by replaying a window of them, holding their instances until the
+    replayed records are applied. `before_apply(batch, valid, rejects)` is called with each
+    decoded batch before its valid rows are applied (so it can hold instances first); it must
+    not raise. `rebuilding` is true while any partition's state is being rebuilt.
+    """
+
+    def attach(self, state: InstanceState) -> None: ...
+
+    async def before_apply(self, batch: Batch, valid: pl.DataFrame, rejects: pl.DataFrame) -> None: ...
+
+    @property
+    def rebuilding(self) -> bool: ...

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from rpowatch.history_cli import history_app
 from rpowatch.loading import ConfigError, check, load_rule_packs, load_settings
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(history_app, name="history")
 err = Console(stderr=True)
 
 EXIT_CONFIG = 2
@@ -115,6 +117,34 @@ def demo(
     except ValueError as exc:  # the simulator refuses a fleet too small for its incidents
         typer.echo(f"demo: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
+
+
+@app.command()
+def bridge(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file")] = None,
+    client_id: Annotated[
+        str | None, typer.Option(help="MQTT session and Kafka client id (default: sources.mqtt.client_id + '-bridge')")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Bridge MQTT into Kafka: consume sources.mqtt and produce each record to the sources.kafka
+    topic of its stream, keyed by cluster_id (idempotent producer; MQTT acknowledged only after
+    Kafka has the record)."""
+    _setup_logging(log_level)
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise _fail_config(exc) from None
+
+    from ingest.bridge import Bridge
+    from rpowatch.wiring import bridge_settings
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await Bridge(bridge_settings(settings, client_id)).run(stop)
+
+    asyncio.run(main())
 
 
 @app.command()

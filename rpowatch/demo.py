@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
 import time
 from collections import defaultdict, deque
 
@@ -17,7 +19,7 @@ from ingest.contracts import Stream
 from ingest.deadletter import MemoryDeadLetterSink
 from ingest.memory import MemorySource
 from ingest.source import Batch
-from rpowatch.config import Evaluation, Http, Settings
+from rpowatch.config import Evaluation, History, Http, Settings
 from rpowatch.loading import load_rule_packs
 from rpowatch.service import Service
 from rpowatch.simulator import Emitted, FleetSimulator, Incident
@@ -25,6 +27,7 @@ from rules.engine import TickResult
 
 STEP_S = 0.5
 DEMO_HEARTBEAT_TIMEOUT_S = 15.0
+DEMO_HISTORY_RESOLUTION_S = 10.0
 
 
 def to_batches(emitted: list[Emitted], source: str, received_at_ms: int) -> list[Batch]:
@@ -104,7 +107,7 @@ class DemoDisplay:
             firing.add_column(col)
         if result is not None:
             now_s = result.now_ms / 1000
-            rows = result.firing().sort("alertname").head(15)
+            rows = result.with_details(result.firing().sort("alertname").head(15))
             for name, severity, labels, fired in rows.select("alertname", "severity", "labels", "fired_at_ms").iter_rows():
                 style = "red" if severity == "critical" else "yellow"
                 firing.add_row(Text(name, style=style), severity, _identity(labels), f"{now_s - fired / 1000:.0f}s")
@@ -121,7 +124,13 @@ class DemoDisplay:
 
 async def run_demo(vms: int, duration_s: float | None, port: int, seed: int) -> None:
     console = Console()
-    settings = Settings(http=Http(port=port), evaluation=Evaluation(heartbeat_timeout=DEMO_HEARTBEAT_TIMEOUT_S))
+    # History in a throw-away directory, at 10 s so /api/v1/history/... has data within the minute.
+    history_dir = tempfile.mkdtemp(prefix="rpowatch-demo-history-")
+    settings = Settings(
+        http=Http(port=port),
+        evaluation=Evaluation(heartbeat_timeout=DEMO_HEARTBEAT_TIMEOUT_S),
+        history=History(enabled=True, path=history_dir, resolution=DEMO_HISTORY_RESOLUTION_S),
+    )
     pack = load_rule_packs(settings)
     source = MemorySource("simulator")
     started = time.time()
@@ -157,6 +166,7 @@ async def run_demo(vms: int, duration_s: float | None, port: int, seed: int) -> 
         feeder.cancel()
         await asyncio.gather(feeder, return_exceptions=True)
         await service.stop()
+        shutil.rmtree(history_dir, ignore_errors=True)
     firing = display.last.firing() if display.last is not None else pl.DataFrame()
     console.print(
         f"demo finished after {time.time() - started:.0f}s: {display.fired} alerts fired, "

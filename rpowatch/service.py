@@ -13,10 +13,11 @@ Per batch, in this order (at-least-once; every step is idempotent on replay):
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,12 +26,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from exporters.alertmanager import AlertmanagerSender
+from exporters.history.runtime import HistoryRuntime
 from exporters.http import bound_port, make_app, start_http
 from exporters.metrics import RpowatchCollector, make_evaluation_histogram
 from exporters.snapshot import SelfCounters, Snapshot, SnapshotHolder
+from ingest.adapters import CANONICAL, adapt_and_decode, build_adapters
+from ingest.contracts import Stream
 from ingest.decode import DecodeLimits, decode_batch
-from ingest.source import Batch, DeadLetterSink, Source
+from ingest.health import SourceHealth, source_health_frame
+from ingest.source import Batch, DeadLetterSink, PartitionedSource, Source
 from rpowatch.config import Settings
+from rpowatch.wiring import adapter_settings
 from rules.engine import Engine, EngineSettings, TickResult
 from rules.pack import RulePack
 
@@ -83,12 +89,23 @@ class Service:
         self._send_task: asyncio.Task[None] | None = None
         self._ticked = False
         self.port: int | None = None
+        self.history: HistoryRuntime | None = None
+        # Per (source, stream) accepted / rejected counts for the source-health rules.
+        self._health = SourceHealth()
+        for source in self.sources:
+            self._health.register(source.name, [s.value for s in Stream])
+        # Kafka-style sources whose partitions (and so instances) move between group members.
+        self._partitioned = {s.name: s for s in self.sources if isinstance(s, PartitionedSource)}
+        # Readers of real telemetry formats, by format (docs/adapters.md).
+        self._adapters = build_adapters(adapter_settings(self.settings))
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         http = self.settings.http
-        app = make_app(self.holder, self.registry, self.readiness)
+        # History writes on its own threads: a slow disk never delays a tick.
+        self.history = HistoryRuntime.from_settings(self.settings.history) if self.settings.history.enabled else None
+        app = make_app(self.holder, self.registry, self.readiness, self.history.store if self.history else None)
         self._runner = await start_http(app, http.host, http.port)
         self.port = bound_port(self._runner)
         base = http.external_url or f"http://{http.host}:{self.port}"
@@ -104,6 +121,8 @@ class Service:
                 timeout_s=am.timeout,
                 generator_url_base=base,
             )
+        for partitioned in self._partitioned.values():
+            partitioned.attach(self)
         for source in self.sources:
             self.counters.set_source_up(source.name, False)
             self._tasks.append(asyncio.create_task(self._consume(source), name=f"consume-{source.name}"))
@@ -124,6 +143,8 @@ class Service:
             await self._session.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.history is not None:
+            await asyncio.to_thread(self.history.close)  # writes the unfinished interval
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -139,7 +160,24 @@ class Service:
         down = [s.name for s in self.sources if not s.up]
         if down:
             return False, f"source not connected: {', '.join(down)}"
+        rebuilding = [name for name, s in self._partitioned.items() if s.rebuilding]
+        if rebuilding:
+            return False, f"rebuilding the state of newly assigned partitions: {', '.join(rebuilding)}"
         return True, "ready"
+
+    # --- partition hand-over (ingest.source.InstanceState) -------------------------------------
+
+    async def drop_instances(self, cluster_ids: Collection[str]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.engine.drop_clusters, list(cluster_ids))
+
+    async def hold_instances(self, cluster_ids: Collection[str]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.engine.hold, list(cluster_ids))
+
+    async def release_instances(self, cluster_ids: Collection[str]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.engine.release, list(cluster_ids))
 
     # --- ingest ------------------------------------------------------------------------------
 
@@ -152,17 +190,54 @@ class Service:
         """Decode, apply and dead-letter one batch (steps 1–3 above)."""
         loop = asyncio.get_running_loop()
         self.counters.mark_source_event(batch.source, time.time())
+        if batch.format != CANONICAL:
+            await self._handle_adapted(batch)
+            return
         decoded = await loop.run_in_executor(
             self._executor, decode_batch, batch.stream, batch.payloads, batch.received_at_ms, self._limits
         )
+        partitioned = self._partitioned.get(batch.source)
+        if partitioned is not None:  # notes where the instances came from; holds rebuilding ones
+            await partitioned.before_apply(batch, decoded.valid, decoded.rejects)
         now_ms = int(self.clock() * 1000)
-        await loop.run_in_executor(self._executor, self.engine.apply, batch.stream, decoded.valid, now_ms)
+        await loop.run_in_executor(
+            self._executor, self.engine.apply, batch.stream, decoded.valid, now_ms, batch.source
+        )
         self.counters.count_events(batch.stream.value, batch.source, decoded.valid.height)
+        self._health.record(
+            batch.source, batch.stream.value, decoded.valid.height, decoded.rejects.height, now_ms
+        )
         if decoded.rejects.height:
             for reason, count in decoded.rejects.group_by("reason").len().iter_rows():
                 self.counters.count_invalid(batch.stream.value, reason, count)
             logger.debug("%d invalid %s records from %s", decoded.rejects.height, batch.stream.value, batch.source)
             await self._dead_letter(batch, decoded.rejects)
+
+    async def _handle_adapted(self, batch: Batch) -> None:
+        """Steps 1–3 for a batch in a real telemetry format: its adapter and the decoder run off
+        the event loop (ingest.adapters.adapt_and_decode) and yield, per stream, valid events and
+        the rejected source records, which are then applied, counted and dead-lettered exactly
+        like a canonical batch's."""
+        loop = asyncio.get_running_loop()
+        adapter = self._adapters[batch.format]  # formats are validated with the configuration
+        outcomes, ignored = await loop.run_in_executor(
+            self._executor, adapt_and_decode, adapter, batch, self._limits
+        )
+        if ignored:
+            logger.debug("%d %s records from %s carry nothing rpowatch models", ignored, batch.format, batch.source)
+        partitioned = self._partitioned.get(batch.source)
+        now_ms = int(self.clock() * 1000)
+        for outcome in outcomes:
+            stream = outcome.stream
+            if partitioned is not None:
+                await partitioned.before_apply(outcome.decoded, outcome.valid, outcome.decoded_rejects)
+            await loop.run_in_executor(self._executor, self.engine.apply, stream, outcome.valid, now_ms, batch.source)
+            self.counters.count_events(stream.value, batch.source, outcome.valid.height)
+            self._health.record(batch.source, stream.value, outcome.valid.height, outcome.rejects.height, now_ms)
+            if outcome.rejects.height:
+                for reason, count in outcome.rejects.group_by("reason").len().iter_rows():
+                    self.counters.count_invalid(stream.value, reason, count)
+                await self._dead_letter(outcome.dead_letters, outcome.rejects)
 
     async def _dead_letter(self, batch: Batch, rejects: object) -> None:
         delay = 0.5
@@ -183,7 +258,10 @@ class Service:
         next_at = loop.time()
         while True:
             now_ms = int(self.clock() * 1000)
-            result = await loop.run_in_executor(self._executor, self.engine.tick, now_ms)
+            health = source_health_frame(self._health, {s.name: s.up for s in self.sources}, now_ms)
+            result = await loop.run_in_executor(
+                self._executor, functools.partial(self.engine.tick, now_ms, sources=health)
+            )
             self._evaluation.observe(result.duration_s)
             for source in self.sources:
                 self.counters.set_source_up(source.name, source.up)
@@ -192,6 +270,8 @@ class Service:
             _log_transitions(result)
             if self.on_tick is not None:
                 self.on_tick(result)
+            if self.history is not None:
+                self.history.offer(result)  # O(1): the writer thread takes the newest tick
             if self._sender is not None and (self._send_task is None or self._send_task.done()):
                 # A slow Alertmanager must not delay evaluation; the sender works from the
                 # latest state, so a skipped tick is caught up by the next send.

@@ -37,13 +37,17 @@ class EngineSettings:
     policies: tuple[Policy, ...] = (DEFAULT_POLICY,)
     link_capacity_bytes_per_s: tuple[tuple[str, str, float], ...] = ()
     static_labels: tuple[tuple[str, str], ...] = (("service", "rpowatch"),)
+    # Annotations of a standing alert are re-rendered this often (and whenever it fires), not
+    # at every tick: at fleet scale there can be hundreds of thousands of standing alerts.
+    annotation_refresh_s: float = 30.0
 
 
 @dataclass(frozen=True)
 class TickResult:
     views: Views
     alerts: pl.DataFrame  # lifecycle.ALERT_SCHEMA: pending, firing and recently resolved
-    transitions: pl.DataFrame  # lifecycle.TRANSITION_SCHEMA: what changed at this tick
+    transitions: pl.DataFrame  # TRANSITION_SCHEMA plus labels and annotations: changes of this tick
+    details: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=lifecycle.DETAIL_SCHEMA))
     duration_s: float = 0.0
 
     @property
@@ -53,13 +57,21 @@ class TickResult:
     def firing(self) -> pl.DataFrame:
         return self.alerts.filter(pl.col("state") == lifecycle.FIRING)
 
+    def with_details(self, alerts: pl.DataFrame) -> pl.DataFrame:
+        """`alerts` (rows of `self.alerts`) with their `labels` and `annotations` JSON. Join
+        only the rows you need: at fleet scale there can be many standing alerts."""
+        return alerts.join(
+            self.details.select("alertname", "alert_key", "labels", "annotations"),
+            on=["alertname", "alert_key"],
+            how="left",
+        )
+
 
 def empty_result() -> TickResult:
-    return TickResult(
-        views=empty_views(),
-        alerts=lifecycle.empty_alerts(),
-        transitions=pl.DataFrame(schema=lifecycle.TRANSITION_SCHEMA),
+    transitions = pl.DataFrame(schema=lifecycle.TRANSITION_SCHEMA).with_columns(
+        pl.lit(None, dtype=pl.String).alias("labels"), pl.lit(None, dtype=pl.String).alias("annotations")
     )
+    return TickResult(views=empty_views(), alerts=lifecycle.empty_alerts(), transitions=transitions)
 
 
 @dataclass
@@ -68,6 +80,7 @@ class Engine:
     settings: EngineSettings = field(default_factory=EngineSettings)
     fleet: state.FleetState = field(default_factory=state.FleetState)
     alerts: pl.DataFrame = field(default_factory=lifecycle.empty_alerts)
+    details: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=lifecycle.DETAIL_SCHEMA))
     held: frozenset[str] = frozenset()
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -144,13 +157,25 @@ class Engine:
         started = time.perf_counter()
         with self._lock:
             views = build_views(self.fleet, now_ms, self._params, sources)
-            active = pl.concat([self._active(rule, views) for rule in self.pack.rules] or [
-                pl.DataFrame(schema=lifecycle.ACTIVE_SCHEMA)
-            ])
+            matched = {rule.name: self._matches(rule, views) for rule in self.pack.rules}
+            active = pl.concat(
+                [
+                    frame.select(
+                        pl.lit(rule.name).alias("alertname"),
+                        "alert_key",
+                        "__alert_cluster",
+                        pl.lit(rule.spec.severity).alias("severity"),
+                        pl.lit(int(rule.spec.for_seconds * 1000), dtype=pl.Int64).alias("for_ms"),
+                        pl.lit(int(rule.spec.keep_firing_for_seconds * 1000), dtype=pl.Int64).alias("keep_firing_for_ms"),
+                    ).rename({"__alert_cluster": "hci_cluster"})
+                    for rule in self.pack.rules
+                    for frame in (matched[rule.name],)
+                ]
+                or [pl.DataFrame(schema=lifecycle.ACTIVE_SCHEMA)]
+            )
             alerts = self.alerts
             if self.held:
-                held = list(self.held)
-                is_held = pl.col("hci_cluster").is_in(held).fill_null(False)
+                is_held = pl.col("hci_cluster").is_in(list(self.held)).fill_null(False)
                 frozen = alerts.filter(is_held)
                 alerts = alerts.filter(~is_held)
                 active = active.filter(~is_held)
@@ -158,10 +183,60 @@ class Engine:
                 alerts, active, now_ms, self._timing, int(self.settings.resolved_retention_s * 1000)
             )
             self.alerts = pl.concat([advanced, frozen]) if self.held else advanced
-            alerts = self.alerts
-        return TickResult(views, alerts, transitions, time.perf_counter() - started)
+            self.details = self._render(matched, advanced, now_ms)
+            transitions = transitions.join(
+                self.details.select("alertname", "alert_key", "labels", "annotations"),
+                on=["alertname", "alert_key"],
+                how="left",
+            )
+            alerts, details = self.alerts, self.details
+        return TickResult(views, alerts, transitions, details, time.perf_counter() - started)
 
-    def _active(self, rule: CompiledRule, views: Views) -> pl.DataFrame:
+    def _matches(self, rule: CompiledRule, views: Views) -> pl.DataFrame:
+        """The rows of the rule's entity view where its condition holds, with the alert key."""
+        label_cols = ENTITIES[rule.spec.entity].labels
+        key = pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in label_cols], separator=LABEL_SEPARATOR)
+        cluster = pl.col("hci_cluster") if "hci_cluster" in label_cols else pl.lit(None, dtype=pl.String)
+        return (
+            views.of(rule.spec.entity)
+            .lazy()
+            .filter(rule.condition.fill_null(False))
+            .with_columns(key.alias("alert_key"), cluster.alias("__alert_cluster"))
+            .collect()
+        )
+
+    def _render(self, matched: dict[str, pl.DataFrame], alerts: pl.DataFrame, now_ms: int) -> pl.DataFrame:
+        """Labels and annotations for the alerts that need them: new ones, ones that fired
+        at this tick, and standing ones whose annotations are older than the refresh period."""
+        refresh_ms = int(self.settings.annotation_refresh_s * 1000)
+        keys = ["alertname", "alert_key"]
+        previous = self.details
+        due = (
+            alerts.filter(pl.col("state") != lifecycle.RESOLVED)
+            .join(previous.select(*keys, "annotated_at_ms"), on=keys, how="left")
+            .filter(
+                pl.col("annotated_at_ms").is_null()
+                | (pl.col("annotated_at_ms") <= now_ms - refresh_ms)
+                | (pl.col("fired_at_ms") == now_ms)
+            )
+            .select(keys)
+        )
+        rendered = [
+            self._details(rule, matched[rule.name].join(rule_due, on="alert_key", how="semi"), now_ms)
+            for rule in self.pack.rules
+            for rule_due in (due.filter(pl.col("alertname") == rule.name),)
+            if not rule_due.is_empty()
+        ]
+        details = previous
+        if rendered:
+            fresh = pl.concat(rendered)
+            details = pl.concat([previous.join(fresh, on=keys, how="anti"), fresh])
+        # Forget details of alerts the lifecycle has forgotten, once they are a noticeable share.
+        if details.height > alerts.height * 1.25 + 100:
+            details = details.join(alerts.select(keys), on=keys, how="semi")
+        return details
+
+    def _details(self, rule: CompiledRule, rows: pl.DataFrame, now_ms: int) -> pl.DataFrame:
         spec = rule.spec
         label_cols = ENTITIES[spec.entity].labels
         static = {**dict(self.settings.static_labels), **spec.labels}
@@ -171,23 +246,10 @@ class Engine:
             *[pl.lit(v).alias(k) for k, v in static.items()],
             *[pl.col(c).cast(pl.String).fill_null("").alias(c) for c in label_cols],
         )
-        return (
-            views.of(spec.entity)
-            .lazy()
-            .filter(rule.condition.fill_null(False))
-            .select(
-                pl.lit(spec.alert).alias("alertname"),
-                pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in label_cols], separator=LABEL_SEPARATOR).alias(
-                    "alert_key"
-                ),
-                (pl.col("hci_cluster") if "hci_cluster" in label_cols else pl.lit(None, dtype=pl.String)).alias(
-                    "hci_cluster"
-                ),
-                pl.lit(spec.severity).alias("severity"),
-                labels.struct.json_encode().alias("labels"),
-                pl.struct([expr.alias(key) for key, expr in rule.annotations.items()]).struct.json_encode().alias("annotations"),
-                pl.lit(int(spec.for_seconds * 1000), dtype=pl.Int64).alias("for_ms"),
-                pl.lit(int(spec.keep_firing_for_seconds * 1000), dtype=pl.Int64).alias("keep_firing_for_ms"),
-            )
-            .collect()
+        return rows.select(
+            pl.lit(spec.alert).alias("alertname"),
+            "alert_key",
+            labels.struct.json_encode().alias("labels"),
+            pl.struct([expr.alias(key) for key, expr in rule.annotations.items()]).struct.json_encode().alias("annotations"),
+            pl.lit(now_ms, dtype=pl.Int64).alias("annotated_at_ms"),
         )

@@ -19,15 +19,15 @@ PENDING = "pending"
 FIRING = "firing"
 RESOLVED = "resolved"
 
-# One row per alert (alertname + identity labels). `labels` and `annotations` are JSON objects.
+# One row per alert (alertname + identity labels). Kept narrow on purpose: the lifecycle runs
+# over every alert at every tick, so labels and annotations (JSON text) live in a side table
+# the engine fills only when an alert needs them (see rules.engine).
 ALERT_SCHEMA = pl.Schema(
     {
         "alertname": pl.String(),
         "alert_key": pl.String(),
         "hci_cluster": pl.String(),  # the instance the alert is about (null for fleet-wide ones)
         "severity": pl.String(),
-        "labels": pl.String(),
-        "annotations": pl.String(),
         "state": pl.String(),
         "active_at_ms": pl.Int64(),
         "fired_at_ms": pl.Int64(),
@@ -43,8 +43,6 @@ ACTIVE_SCHEMA = pl.Schema(
         "alert_key": pl.String(),
         "hci_cluster": pl.String(),
         "severity": pl.String(),
-        "labels": pl.String(),
-        "annotations": pl.String(),
         "for_ms": pl.Int64(),
         "keep_firing_for_ms": pl.Int64(),
     }
@@ -56,10 +54,20 @@ TRANSITION_SCHEMA = pl.Schema(
         "alert_key": pl.String(),
         "hci_cluster": pl.String(),
         "severity": pl.String(),
-        "labels": pl.String(),
-        "annotations": pl.String(),
         "transition": pl.String(),  # "fired" | "resolved"
         "at_ms": pl.Int64(),
+    }
+)
+
+# Labels and annotations of an alert, as JSON objects; annotations carry the values of their
+# last rendering (`annotated_at_ms`).
+DETAIL_SCHEMA = pl.Schema(
+    {
+        "alertname": pl.String(),
+        "alert_key": pl.String(),
+        "labels": pl.String(),
+        "annotations": pl.String(),
+        "annotated_at_ms": pl.Int64(),
     }
 )
 
@@ -115,11 +123,8 @@ def advance(
         state.alias("new_state"),
         active_at.alias("active_at_ms"),
         last_true.alias("last_true_ms"),
-        # Identity never changes; values in annotations follow the latest evaluation.
         pl.coalesce("severity_now", "severity").alias("severity"),
         pl.coalesce("hci_cluster_now", "hci_cluster").alias("hci_cluster"),
-        pl.coalesce("labels_now", "labels").alias("labels"),
-        pl.coalesce("annotations_now", "annotations").alias("annotations"),
     ).with_columns(
         # Set when an occurrence starts firing; a pending occurrence has not fired (yet).
         pl.when((pl.col("new_state") == FIRING) & (was != FIRING).fill_null(True))
@@ -142,8 +147,6 @@ def advance(
         "alert_key",
         "hci_cluster",
         "severity",
-        "labels",
-        "annotations",
         pl.when(became_firing).then(pl.lit("fired")).otherwise(pl.lit("resolved")).alias("transition"),
         now.alias("at_ms"),
     )

@@ -85,6 +85,10 @@ BACKUP_SCHEMA = pl.Schema(
         "last_event_ms": MS(),
         "last_success_ms": MS(),
         "last_restore_test_ms": MS(),
+        "last_success_job_ms": MS(),
+        # Times of failed jobs after the newest successful one (at most MAX_FAILURES_KEPT):
+        # kept as a set so that any order of arrival gives the same count.
+        "failure_ts": pl.List(MS()),
         "consecutive_failures": MS(),
         "backup_rpo_s": pl.Float64(),
         "restore_test_max_age_s": pl.Float64(),
@@ -133,6 +137,7 @@ CLUSTER_SCHEMA = pl.Schema(
 )
 
 TIERS = ("daily", "weekly", "monthly", "yearly")
+MAX_FAILURES_KEPT = 20
 
 SEEN_SCHEMA = pl.Schema({"event_id": pl.String(), "seen_ms": MS()})
 
@@ -207,16 +212,6 @@ def drop_clusters(fleet: FleetState, cluster_ids: list[str]) -> FleetState:
     )
 
 
-def _watermarked(table: pl.DataFrame, events: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """Events joined with their entity's previous `last_event_ms`; `is_new` marks events newer
-    than anything applied before. Counters only count new events, so a replayed or duplicate
-    event never counts twice; late events still update max/min fields."""
-    previous = table.select(*keys, pl.col("last_event_ms").alias("prev_last_ms"))
-    return events.join(previous, on=keys, how="left").with_columns(
-        (_ms("ts") > pl.col("prev_last_ms").fill_null(-(2**62))).alias("is_new")
-    )
-
-
 @dataclass(frozen=True)
 class WindowCounters:
     """Counts over a sliding monitoring window in O(1) memory per entity: counts of the current
@@ -239,26 +234,24 @@ def apply_replication(
     if events.is_empty():
         return table
     kind = pl.col("kind").cast(pl.String)
-    new = pl.col("is_new")
     bucket = window.bucket(_ms("ts"))
     # The bucket the entity's counters will be in after this batch.
-    newest_bucket = pl.max_horizontal(
-        pl.col("prev_bucket"), pl.when(new).then(bucket).max().over("vm_id")
-    )
+    newest_bucket = pl.max_horizontal(pl.col("prev_bucket"), bucket.max().over("vm_id"))
     previous = table.select("vm_id", pl.col("window_bucket").alias("prev_bucket"))
     staged = (
-        _watermarked(table, events, ["vm_id"])
-        .join(previous, on="vm_id", how="left")
+        events.join(previous, on="vm_id", how="left")
         .with_columns(newest_bucket.alias("batch_bucket"), bucket.alias("bucket"))
     )
 
     def count(which: str, offset: int) -> pl.Expr:
-        # Distinct timestamps: a VM cannot complete two cycles in the same millisecond, and
-        # counting instants keeps the result independent of how events are split into batches.
-        hit = new & (kind == which) & (pl.col("bucket") == pl.col("batch_bucket") - offset)
-        return _ms("ts").filter(hit).n_unique()
+        # Every applied event counts once: duplicates were dropped by `drop_seen`, so the count
+        # is the same however the events are ordered or split into batches.
+        return ((kind == which) & (pl.col("bucket") == pl.col("batch_bucket") - offset)).sum()
 
     status = kind.replace_strict(REPLICATION_STATUS, default=None)
+    final_status = pl.col("status").drop_nulls().last()
+    position = pl.int_range(pl.len())
+    last_other = position.filter(pl.col("status").is_not_null() & (pl.col("status") != final_status)).max()
     reduced = (
         staged.with_columns(status.alias("status"))
         .with_columns(pl.col("status").replace_strict(STATUS_RANK, default=None).alias("status_rank"))
@@ -275,6 +268,11 @@ def apply_replication(
             _ms("ts").filter(kind == "test_failover_completed").max().alias("last_failover_test_ms"),
             _last_non_null("status"),
             _ms("ts").filter(pl.col("status").is_not_null()).last().alias("status_event_ms"),
+            # Start of the batch's final run of its last status, and whether another status
+            # came before it in this batch (then that run, not the table's, is the current one).
+            _ms("ts").filter((pl.col("status") == final_status) & (position > last_other.fill_null(-1))).min().alias("status_run_ms"),
+            _ms("ts").gather(last_other).first().alias("other_status_ms"),
+            pl.col("status_rank").gather(last_other).first().alias("other_status_rank"),
             _last_non_null("pending_bytes"),
             _last_non_null("vhd_bytes"),
             _last_non_null("churn_bytes_per_s"),
@@ -296,6 +294,11 @@ def apply_replication(
         pl.col("status_new").is_not_null() & ((new_event > old_event) | ((new_event == old_event) & (rank_new >= rank_old)))
     ).fill_null(False)
     status_changed = takes_status & (pl.col("status_new") != pl.col("status").fill_null(""))
+    # Another status in the batch, later than the table's, ended the table's run.
+    other_ms = pl.col("other_status_ms")
+    interrupted = (
+        (other_ms > old_event) | ((other_ms == old_event) & (pl.col("other_status_rank") > rank_old))
+    ).fill_null(False)
     old_bucket = pl.col("window_bucket")
     bucket_now = pl.coalesce("window_bucket_new", "window_bucket")
 
@@ -324,7 +327,12 @@ def apply_replication(
         _max_of("last_failover_test_ms"),
         pl.when(takes_status).then(pl.col("status_new")).otherwise(pl.col("status")).alias("status"),
         pl.when(takes_status).then(new_event).otherwise(pl.col("status_event_ms")).alias("status_event_ms"),
-        pl.when(status_changed).then(new_event).otherwise(pl.col("status_since_ms")).alias("status_since_ms"),
+        pl.when(status_changed | (takes_status & interrupted) | pl.col("status_since_ms").is_null())
+        .then(pl.col("status_run_ms"))
+        .when(takes_status)
+        .then(pl.min_horizontal("status_since_ms", "status_run_ms"))
+        .otherwise(pl.col("status_since_ms"))
+        .alias("status_since_ms"),
         _newer("pending_bytes"),
         _newer("vhd_bytes"),
         _newer("churn_bytes_per_s"),
@@ -351,51 +359,56 @@ def apply_backup(
         return table
     kind = pl.col("kind").cast(pl.String)
     tier = pl.col("retention_tier").cast(pl.String)
-    new = pl.col("is_new")
     success = kind.is_in(["succeeded", "warning"])
     ts = _ms("ts")
-    staged = _watermarked(table, events, ["vm_id"]).with_columns(
-        pl.when(success & new).then(ts).max().over("vm_id").alias("last_success_job_ms")
-    )
 
     def tier_delta(name: str) -> pl.Expr:
-        created = (new & success & (tier == name)).sum()
-        expired = (new & (kind == "recovery_point_expired") & (tier == name)).sum()
+        created = (success & (tier == name)).sum()
+        expired = ((kind == "recovery_point_expired") & (tier == name)).sum()
         return (created.cast(MS) - expired.cast(MS)).alias(f"{name}_points")
 
-    reduced = staged.group_by("vm_id").agg(
+    reduced = events.group_by("vm_id").agg(
         pl.col("cluster_id").sort_by("ts").last(),
         ts.min().alias("first_seen_ms"),
         ts.max().alias("last_event_ms"),
         _ms("recovery_point_ts").filter(success).max().alias("last_success_ms"),
         ts.filter(kind == "restore_test_succeeded").max().alias("last_restore_test_ms"),
-        pl.col("last_success_job_ms").first(),
-        # New failed jobs after this batch's newest new success (all of them if it has none).
-        ts.filter(new & (kind == "failed") & (ts > pl.col("last_success_job_ms").fill_null(-(2**62))))
-        .n_unique()
-        .cast(MS)
-        .alias("failures"),
+        ts.filter(success).max().alias("last_success_job_ms"),
+        ts.filter(kind == "failed").unique().alias("failure_ts"),
         *[tier_delta(t) for t in TIERS],
         tier.is_not_null().any().alias("tiers_reported"),
     )
     joined = table.join(reduced, on="vm_id", how="full", coalesce=True, suffix="_new")
-    merged = joined.with_columns(
-        _newer("cluster_id"),
-        _min_of("first_seen_ms"),
-        _max_of("last_success_ms"),
-        _max_of("last_restore_test_ms"),
-        pl.when(pl.col("last_success_job_ms").is_not_null())
-        .then(pl.col("failures"))
-        .otherwise(pl.col("consecutive_failures").fill_null(0) + pl.col("failures").fill_null(0))
-        .alias("consecutive_failures"),
-        *[
-            (pl.col(f"{t}_points").fill_null(0) + pl.col(f"{t}_points_new").fill_null(0)).clip(lower_bound=0).alias(f"{t}_points")
-            for t in TIERS
-        ],
-        (pl.col("tiers_reported").fill_null(False) | pl.col("tiers_reported_new").fill_null(False)).alias(
-            "tiers_reported"
-        ),
-    ).with_columns(_max_of("last_event_ms"))
+    last_success = pl.max_horizontal("last_success_job_ms", "last_success_job_ms_new")
+    failures = (
+        pl.concat_list(
+            pl.col("failure_ts").fill_null(pl.lit([], dtype=pl.List(MS()))),
+            pl.col("failure_ts_new").fill_null(pl.lit([], dtype=pl.List(MS()))),
+        )
+        .list.eval(pl.element().unique().sort())
+        .list.tail(MAX_FAILURES_KEPT)
+    )
+    merged = (
+        joined.with_columns(
+            _newer("cluster_id"),
+            _min_of("first_seen_ms"),
+            _max_of("last_success_ms"),
+            _max_of("last_restore_test_ms"),
+            last_success.alias("last_success_job_ms"),
+            failures.alias("failure_ts"),
+            *[
+                (pl.col(f"{t}_points").fill_null(0) + pl.col(f"{t}_points_new").fill_null(0))
+                .clip(lower_bound=0)
+                .alias(f"{t}_points")
+                for t in TIERS
+            ],
+            (pl.col("tiers_reported").fill_null(False) | pl.col("tiers_reported_new").fill_null(False)).alias(
+                "tiers_reported"
+            ),
+        )
+        .pipe(_failures_after_last_success)
+        .with_columns(pl.col("failure_ts").list.len().cast(MS).alias("consecutive_failures"), _max_of("last_event_ms"))
+    )
     columns = set(merged.columns)
     return merged.with_columns(
         resolve(policies, columns, "backup_rpo_seconds", pl.lit(DEFAULT_POLICY.backup_rpo_seconds)).alias(
@@ -411,6 +424,27 @@ def apply_backup(
             for t in TIERS
         ],
     ).select(BACKUP_SCHEMA.names())
+
+
+def _failures_after_last_success(frame: pl.DataFrame) -> pl.DataFrame:
+    """Only failures after the newest success are consecutive. Done by exploding just the rows
+    that have failures (few), since list filters cannot compare with another column."""
+    indexed = frame.with_row_index("__row")
+    kept = (
+        indexed.filter(pl.col("failure_ts").list.len() > 0)
+        .select("__row", "failure_ts", "last_success_job_ms")
+        .explode("failure_ts")
+        .filter(pl.col("failure_ts") > pl.col("last_success_job_ms").fill_null(-(2**62)))
+        .group_by("__row")
+        .agg(pl.col("failure_ts"))
+    )
+    empty = pl.lit([], dtype=pl.List(MS()))
+    return (
+        indexed.drop("failure_ts")
+        .join(kept, on="__row", how="left")
+        .with_columns(pl.col("failure_ts").fill_null(empty))
+        .drop("__row")
+    )
 
 
 _NODE_LAST = (

@@ -20,17 +20,28 @@ class Alertmanager(Service):
 
     With ``webhook_url`` the receiver posts to it (``send_resolved: true``);
     without, the receiver has no configs and alerts are only stored.
+    With ``config`` (a whole alertmanager.yml as a mapping) that configuration
+    is used instead, e.g. deploy/alertmanager/alertmanager.yml with its
+    receivers pointed at a test's webhook server.
     """
 
     name = "alertmanager"
     receiver = "harness"
 
-    def __init__(self, webhook_url: str | None = None, ready_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        webhook_url: str | None = None,
+        ready_timeout: float | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if webhook_url is not None and config is not None:
+            raise ValueError("give webhook_url or config, not both")
         self._binary = find_binary("prometheus-alertmanager", "/usr/bin/alertmanager")
         super().__init__(ready_timeout)
         self.host = LOOPBACK
         self.port = free_port()
         self.webhook_url = webhook_url
+        self.config = config
         self.config_path = self.workdir / "alertmanager.yml"
         self.storage_path = self.workdir / "data"
 
@@ -39,6 +50,10 @@ class Alertmanager(Service):
         return f"http://{self.host}:{self.port}"
 
     def prepare(self) -> None:
+        if self.config is not None:
+            # JSON is valid YAML, so no YAML library is needed.
+            self.config_path.write_text(json.dumps(self.config, indent=2))
+            return
         receiver: dict[str, Any] = {"name": self.receiver}
         if self.webhook_url:
             receiver["webhook_configs"] = [{"url": self.webhook_url, "send_resolved": True}]

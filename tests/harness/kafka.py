@@ -11,7 +11,8 @@ import base64
 import os
 import subprocess
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -73,23 +74,57 @@ def run_coroutine_blocking(factory: Callable[[], Awaitable[T]]) -> T:
     return result[0]
 
 
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """Secured listeners for a test broker, next to its PLAINTEXT one.
+
+    ``SASL_SSL`` accepts SASL PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for every
+    user in ``users`` (SCRAM credentials are created when the storage is
+    formatted); ``SSL`` requires a client certificate signed by a CA in
+    ``truststore`` (PEM). Both present ``keystore``: the broker's certificate
+    chain and private key, a PKCS#12 file protected by ``key_password`` (or, with
+    ``keystore_type="PEM"``, one PEM file with the key encrypted by it: Kafka's
+    file-based PEM keystores need an encrypted PKCS#8 key, and Java 17 cannot
+    read PBES2-encrypted ones).
+    """
+
+    keystore: Path
+    key_password: str
+    truststore: Path
+    users: Mapping[str, str] = field(default_factory=dict)
+    keystore_type: str = "PKCS12"
+
+
+def _jaas_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class KafkaBroker(Service):
     """Kafka in KRaft combined mode on two free loopback ports.
 
     Ports and the data dir are fixed at construction, so ``stop()`` followed by
     ``start()`` brings back the same broker with its topics, records and
     committed offsets. ``close()`` stops it and deletes everything.
+
+    With ``security``, two more listeners: ``sasl_ssl_bootstrap`` and
+    ``ssl_bootstrap`` (see :class:`KafkaSecurity`).
     """
 
     name = "kafka"
     ready_timeout = 60.0
     ready_poll_interval = 0.3
 
-    def __init__(self, ready_timeout: float | None = None, num_partitions: int = 3) -> None:
+    def __init__(
+        self,
+        ready_timeout: float | None = None,
+        num_partitions: int = 3,
+        security: KafkaSecurity | None = None,
+    ) -> None:
         self._java = find_binary("java")
         self._lib = kafka_lib_dir()
         super().__init__(ready_timeout)
-        self.port, self.controller_port = free_ports(2)
+        self.port, self.controller_port, self.sasl_ssl_port, self.ssl_port = free_ports(4)
+        self.security = security
         self.num_partitions = num_partitions
         self.cluster_id = random_cluster_id()
         self.data_dir = self.workdir / "data"
@@ -102,6 +137,14 @@ class KafkaBroker(Service):
     @property
     def bootstrap(self) -> str:
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        return f"{LOOPBACK}:{self.sasl_ssl_port}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        return f"{LOOPBACK}:{self.ssl_port}"
 
     def _java_argv(self, main_class: str, *args: str) -> list[str]:
         return [
@@ -135,13 +178,49 @@ class KafkaBroker(Service):
             "transaction.state.log.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
         }
+        if self.security is not None:
+            props.update(self._security_props(self.security))
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         if not (self.data_dir / "meta.properties").exists():
             self._format_storage()
 
+    def _security_props(self, sec: KafkaSecurity) -> dict[str, str]:
+        plain_users = " ".join(f"user_{name}={_jaas_quote(pw)}" for name, pw in sec.users.items())
+        plain = "org.apache.kafka.common.security.plain.PlainLoginModule required"
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        return {
+            "listeners": (
+                f"PLAINTEXT://{LOOPBACK}:{self.port},CONTROLLER://{LOOPBACK}:{self.controller_port},"
+                f"SASL_SSL://{LOOPBACK}:{self.sasl_ssl_port},SSL://{LOOPBACK}:{self.ssl_port}"
+            ),
+            "advertised.listeners": (
+                f"PLAINTEXT://{LOOPBACK}:{self.port},SASL_SSL://{LOOPBACK}:{self.sasl_ssl_port},"
+                f"SSL://{LOOPBACK}:{self.ssl_port}"
+            ),
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL"
+            ),
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
+            "listener.name.sasl_ssl.plain.sasl.jaas.config": f"{plain} {plain_users};",
+            "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+            "ssl.keystore.type": sec.keystore_type,
+            "ssl.keystore.location": str(sec.keystore),
+            **({"ssl.keystore.password": sec.key_password} if sec.keystore_type != "PEM" else {}),
+            "ssl.key.password": sec.key_password,
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(sec.truststore),
+            "listener.name.ssl.ssl.client.auth": "required",
+        }
+
     def _format_storage(self) -> None:
+        scram: list[str] = []
+        if self.security is not None:
+            for name, pw in self.security.users.items():
+                for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                    scram += ["--add-scram", f"{mechanism}=[name={name},password={pw}]"]
         argv = self._java_argv(
-            "kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(self.config_path)
+            "kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(self.config_path), *scram
         )
         proc = subprocess.run(argv, cwd=self.workdir, capture_output=True, text=True, timeout=60)
         with open(self.log_path, "a") as log:

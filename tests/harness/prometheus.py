@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -22,7 +23,10 @@ class Prometheus(Service):
     """Prometheus scraping job ``rpowatch`` from ``targets.json`` every second.
 
     ``alertmanagers`` (base URLs such as ``http://127.0.0.1:9093``) go into
-    ``alerting.alertmanagers``; ``rule_files`` into ``rule_files``.
+    ``alerting.alertmanagers``; ``rule_files`` into ``rule_files``; ``extra_flags``
+    are appended to the command line (e.g. ``--rules.alert.resend-delay=1s``: by
+    default Prometheus re-sends an alert it could not deliver yet, such as one
+    fired before the Alertmanagers were discovered, only after a minute).
     """
 
     name = "prometheus"
@@ -32,6 +36,7 @@ class Prometheus(Service):
         alertmanagers: Sequence[str] = (),
         rule_files: Sequence[str] = (),
         ready_timeout: float | None = None,
+        extra_flags: Sequence[str] = (),
     ) -> None:
         self._binary = find_binary("prometheus")
         super().__init__(ready_timeout)
@@ -39,6 +44,7 @@ class Prometheus(Service):
         self.port = free_port()
         self.alertmanagers = list(alertmanagers)
         self.rule_files = list(rule_files)
+        self.extra_flags = list(extra_flags)
         self.config_path = self.workdir / "prometheus.yml"
         self.targets_path = self.workdir / "targets.json"
         self.storage_path = self.workdir / "data"
@@ -75,6 +81,7 @@ class Prometheus(Service):
             f"--storage.tsdb.path={self.storage_path}",
             f"--web.listen-address={self.host}:{self.port}",
             "--web.enable-lifecycle",
+            *self.extra_flags,
         ]
 
     def is_ready(self) -> bool:
@@ -102,6 +109,29 @@ class Prometheus(Service):
             raise HarnessError(f"prometheus query {expr!r} failed: {body}")
         result: Result = body["data"]["result"]
         return result
+
+    def api(self, path: str, params: Sequence[tuple[str, str]] = ()) -> Any:
+        """GET /api/v1/<path>; returns ``data``. An error response (e.g. a query that does not
+        parse, HTTP 400) raises :class:`HarnessError` with Prometheus's error message."""
+        qs = urllib.parse.urlencode(list(params))
+        url = f"{self.url}/api/v1/{path.lstrip('/')}" + (f"?{qs}" if qs else "")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = json.load(resp)
+        except urllib.error.HTTPError as exc:
+            try:
+                body = json.load(exc)
+            except ValueError:
+                raise HarnessError(f"prometheus GET {path} {list(params)}: HTTP {exc.code}") from exc
+        if body.get("status") != "success":
+            raise HarnessError(f"prometheus GET {path} {list(params)}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def label_values(self, label: str, match: str | None = None) -> list[str]:
+        """Values of ``label`` (over series matching ``match``), as Grafana's
+        ``label_values(match, label)`` lists them."""
+        values: list[str] = self.api(f"label/{label}/values", [("match[]", match)] if match else [])
+        return values
 
     def wait_for(self, expr: str, predicate: Predicate, timeout: float = 20.0) -> Result:
         """Poll ``query(expr)`` until ``predicate(result)``; return that result.

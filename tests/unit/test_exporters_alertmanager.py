@@ -85,8 +85,11 @@ def _closed_port_url() -> str:
 
 
 def _engine() -> Engine:
+    """The shipped pack's replication RPO breach rule alone, so each VM raises one alert."""
     with open(REPO / "rules" / "packs" / "default.yaml") as f:
-        pack, problems = compile_pack(yaml.safe_load(f), {"runbook_base": "docs/runbooks"})
+        document = yaml.safe_load(f)
+    document["rules"] = [r for r in document["rules"] if r["alert"] == "ReplicationRPOBreach"]
+    pack, problems = compile_pack(document, {"runbook_base": "docs/runbooks"})
     assert problems == []
     return Engine(pack)
 

@@ -19,7 +19,7 @@ from exporters.metrics import RpowatchCollector, make_evaluation_histogram
 from exporters.snapshot import SelfCounters, Snapshot, SnapshotHolder
 from ingest.contracts import Stream
 from ingest.decode import decode_batch
-from rules.engine import Engine, TickResult
+from rules.engine import Engine, EngineSettings, TickResult
 from rules.pack import compile_pack
 
 T0 = 1_790_000_000_000
@@ -67,7 +67,7 @@ def _result() -> TickResult:
     pending or not."""
     pack, problems = compile_pack(PACK)
     assert problems == []
-    engine = Engine(pack)
+    engine = Engine(pack, EngineSettings(annotation_refresh_s=0))  # annotations of this very tick
     _cycle(engine, "vm1", "a", T0 - 700_000, T0)
     _cycle(engine, "vm2", "b", T0 - 800_000, T0)
     _cycle(engine, "vm3", "c", T0 - 700_000, T0)

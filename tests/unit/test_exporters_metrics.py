@@ -10,13 +10,16 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import polars as pl
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporters.http import bound_port, make_app, start_http
 from exporters.metrics import PerVm, RpowatchCollector, make_evaluation_histogram
 from exporters.snapshot import SelfCounters, Snapshot, SnapshotHolder
 from ingest.contracts import Stream
@@ -108,12 +111,19 @@ def result() -> TickResult:
     return engine.tick(NOW_MS)
 
 
-def _scrape(result: TickResult, per_vm: PerVm = "all", counters: SelfCounters | None = None) -> CollectorRegistry:
+def _scrape(
+    result: TickResult,
+    per_vm: PerVm = "all",
+    counters: SelfCounters | None = None,
+    known_alerts: tuple[tuple[str, str], ...] = (),
+) -> CollectorRegistry:
     holder = SnapshotHolder()
     stats = (counters or SelfCounters()).freeze()
     holder.set(Snapshot(result, stats))
     registry = CollectorRegistry()
-    registry.register(RpowatchCollector(holder, per_vm, clock=lambda: NOW_S + SCRAPE_DELAY_S))
+    registry.register(
+        RpowatchCollector(holder, per_vm, clock=lambda: NOW_S + SCRAPE_DELAY_S, known_alerts=known_alerts)
+    )
     return registry
 
 
@@ -231,7 +241,7 @@ def test_per_vm_violating_keeps_only_unhealthy_vms(result: TickResult) -> None:
 
 def test_per_vm_none_keeps_only_aggregates(result: TickResult) -> None:
     registry = _scrape(result, "none")
-    names = {family.name for family in registry.collect() if family.samples}
+    names = {sample.name for family in registry.collect() for sample in family.samples}
     per_vm = ("rpowatch_replication_", "rpowatch_backup_", "rpowatch_restore_", "rpowatch_failover_")
     assert not any(n.startswith(per_vm) for n in names), names
     aggregates = {"rpowatch_node_up", "rpowatch_cluster_iops_headroom_ratio", "rpowatch_alerts", "rpowatch_build_info"}
@@ -287,3 +297,193 @@ def test_exposition_parses_and_passes_promtool(result: TickResult) -> None:
     assert Path(promtool).exists(), "promtool is missing: run scripts/install-test-deps"
     checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
     assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
+
+
+# --- contracts.md §3: every family, its type and its labels --------------------------------------
+
+REPLICATION = ("hci_cluster", "target", "technology", "vm")
+PER_VM = ("hci_cluster", "vm")
+# metric (sample) name -> (family type in the text format, label names)
+CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "rpowatch_replication_last_recovery_point_timestamp_seconds": ("gauge", REPLICATION),
+    "rpowatch_replication_lag_seconds": ("gauge", REPLICATION),
+    "rpowatch_replication_rpo_target_seconds": ("gauge", REPLICATION),
+    "rpowatch_replication_pending_bytes": ("gauge", REPLICATION),
+    "rpowatch_replication_missed_cycles_ratio": ("gauge", REPLICATION),
+    "rpowatch_replication_time_to_breach_seconds": ("gauge", REPLICATION),
+    "rpowatch_replication_health": ("gauge", (*REPLICATION, "state")),
+    "rpowatch_backup_last_success_timestamp_seconds": ("gauge", PER_VM),
+    "rpowatch_backup_rpo_target_seconds": ("gauge", PER_VM),
+    "rpowatch_restore_test_last_success_timestamp_seconds": ("gauge", PER_VM),
+    "rpowatch_failover_test_last_success_timestamp_seconds": ("gauge", PER_VM),
+    "rpowatch_cluster_iops_headroom_ratio": ("gauge", ("hci_cluster",)),
+    "rpowatch_link_bandwidth_saturation_ratio": ("gauge", ("hci_cluster", "target")),
+    "rpowatch_node_up": ("gauge", ("hci_cluster", "node")),
+    "rpowatch_node_last_heartbeat_timestamp_seconds": ("gauge", ("hci_cluster", "node")),
+    "rpowatch_cluster_failover_capacity_ratio": ("gauge", ("hci_cluster",)),
+    "rpowatch_alerts": ("gauge", ("alertname", "severity")),
+    "rpowatch_events_total": ("counter", ("source", "stream")),
+    "rpowatch_events_invalid_total": ("counter", ("reason", "stream")),
+    "rpowatch_source_up": ("gauge", ("source",)),
+    "rpowatch_source_last_event_timestamp_seconds": ("gauge", ("source",)),
+    "rpowatch_evaluation_duration_seconds_bucket": ("histogram", ("le",)),
+    "rpowatch_evaluation_duration_seconds_count": ("histogram", ()),
+    "rpowatch_evaluation_duration_seconds_sum": ("histogram", ()),
+    "rpowatch_alertmanager_notifications_total": ("counter", ("url",)),
+    "rpowatch_alertmanager_notifications_failed_total": ("counter", ("url",)),
+    "rpowatch_build_info": ("gauge", ("version",)),
+}
+
+
+@pytest.fixture
+def full_result() -> TickResult:
+    """Every kind of entity with every optional value reported, including the tests; the
+    missed-cycles column is set to a known value (and added if the views lack it)."""
+    engine = _engine()
+    failover_test = json.dumps({
+        "event_id": "tf-vm1", "ts": NOW_MS - 86_400_000, "vm_id": "vm1", "cluster_id": "c1", "target_id": "c2",
+        "technology": "hyperv_replica", "kind": "test_failover_completed", "frequency_s": 300,
+    }).encode()
+    _apply(engine, Stream.REPLICATION, [_replication("vm1", 60, pending_bytes=10, churn_bytes_per_s=5.0), failover_test])
+    restore_test = json.dumps({
+        "event_id": "rt-vm1", "ts": NOW_MS - 7 * 86_400_000, "vm_id": "vm1", "cluster_id": "c1", "job_id": "r1",
+        "product": "mabs", "level": "host", "kind": "restore_test_succeeded",
+    }).encode()
+    _apply(engine, Stream.BACKUP, [_backup("vm1", 3600), restore_test])
+    _apply(engine, Stream.HEARTBEAT, [_heartbeat("n1", 5, 600), _heartbeat("n2", 5, 200)])
+    result = engine.tick(NOW_MS)
+    replication = result.views.vm_replication.with_columns(pl.lit(0.25).alias("missed_cycles_ratio"))
+    return dataclasses.replace(result, views=dataclasses.replace(result.views, vm_replication=replication))
+
+
+def _self_counters() -> SelfCounters:
+    counters = SelfCounters()
+    counters.count_events("replication", "kafka", 3)
+    counters.count_invalid("replication", "not_json")
+    counters.set_source_up("kafka", True)
+    counters.mark_source_event("kafka", NOW_S)
+    counters.count_notification("http://am1:9093", ok=True)
+    return counters
+
+
+def test_every_contract_family_is_exported_with_its_type_and_labels(full_result: TickResult) -> None:
+    registry = _scrape(full_result, counters=_self_counters(), known_alerts=(("ReplicationRPOBreach", "critical"),))
+    make_evaluation_histogram(registry).observe(0.003)
+    text = generate_latest(registry).decode()
+    seen: dict[str, tuple[str, set[frozenset[str]]]] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, f"{family.name} has no HELP"
+        for sample in family.samples:
+            _, label_sets = seen.setdefault(sample.name, (family.type, set()))
+            label_sets.add(frozenset(sample.labels))
+    missing = sorted(set(CONTRACT) - set(seen))
+    assert not missing, f"contract families not exported: {missing}"
+    for name, (kind, labels) in CONTRACT.items():
+        exported_kind, label_sets = seen[name]
+        assert exported_kind == kind, (name, exported_kind)
+        assert label_sets == {frozenset(labels)}, (name, label_sets)
+    assert registry.get_sample_value("rpowatch_replication_missed_cycles_ratio", _rep("vm1")) == 0.25
+    vm1 = {"vm": "vm1", "hci_cluster": "c1"}
+    assert registry.get_sample_value("rpowatch_failover_test_last_success_timestamp_seconds", vm1) == pytest.approx(
+        NOW_S - 86_400
+    )
+    assert registry.get_sample_value("rpowatch_restore_test_last_success_timestamp_seconds", vm1) == pytest.approx(
+        NOW_S - 7 * 86_400
+    )
+    # Nothing outside the contract (and the histogram's _created) is exported.
+    extra = {n for n in seen if n not in CONTRACT and not n.endswith("_created")}
+    assert not extra, extra
+
+
+def test_a_view_column_that_does_not_exist_is_not_exported(full_result: TickResult) -> None:
+    views = full_result.views
+    thinner = dataclasses.replace(
+        full_result,
+        views=dataclasses.replace(
+            views,
+            vm_replication=views.vm_replication.drop("missed_cycles_ratio", "time_to_breach_seconds", "health_state"),
+            vm_backup=views.vm_backup.drop("last_restore_test_seconds", "backup_age_seconds"),
+            cluster=views.cluster.drop("iops_headroom_ratio"),
+            link=views.link.drop("saturation_ratio"),
+        ),
+    )
+    for per_vm in ("all", "violating"):
+        registry = _scrape(thinner, per_vm)
+        names = {sample.name for family in registry.collect() for sample in family.samples}
+        for gone in (
+            "rpowatch_replication_missed_cycles_ratio",
+            "rpowatch_replication_time_to_breach_seconds",
+            "rpowatch_replication_health",
+            "rpowatch_restore_test_last_success_timestamp_seconds",
+            "rpowatch_cluster_iops_headroom_ratio",
+            "rpowatch_link_bandwidth_saturation_ratio",
+        ):
+            assert gone not in names, (per_vm, gone)
+        assert registry.get_sample_value("rpowatch_cluster_failover_capacity_ratio", {"hci_cluster": "c1"}) is not None
+        if per_vm == "all":
+            assert registry.get_sample_value("rpowatch_replication_lag_seconds", _rep("vm1")) == pytest.approx(
+                60 + SCRAPE_DELAY_S
+            )
+            assert registry.get_sample_value("rpowatch_backup_rpo_target_seconds", {"vm": "vm1", "hci_cluster": "c1"}) == 86400
+        # The text exposition of what remains is still valid.
+        assert list(text_string_to_metric_families(generate_latest(registry).decode()))
+
+
+# --- content negotiation over the real HTTP endpoint ------------------------------------------------
+
+# What Prometheus 2.x sends when it scrapes (scrape/scrape.go, acceptHeader).
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+async def test_metrics_endpoint_negotiates_openmetrics(full_result: TickResult) -> None:
+    holder = SnapshotHolder(Snapshot(full_result, _self_counters().freeze()))
+    registry = CollectorRegistry()
+    registry.register(RpowatchCollector(holder, clock=lambda: NOW_S + SCRAPE_DELAY_S))
+    make_evaluation_histogram(registry).observe(0.002)
+    runner = await start_http(make_app(holder, registry, lambda: (True, "ready")), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{bound_port(runner)}/metrics"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def scrape(accept: str | None) -> tuple[str, str]:
+                headers = {"Accept": accept} if accept is not None else {}
+                async with session.get(url, headers=headers) as resp:
+                    assert resp.status == 200
+                    return resp.headers["Content-Type"], await resp.text()
+
+            openmetrics = (PROMETHEUS_ACCEPT, "application/openmetrics-text", "application/openmetrics-text; version=1.0.0")
+            for accept in openmetrics:
+                content_type, body = await scrape(accept)
+                assert content_type.startswith("application/openmetrics-text; version=1.0.0"), (accept, content_type)
+                assert body.endswith("# EOF\n")
+                om = {f.name: f for f in parse_openmetrics(body)}
+                assert om["rpowatch_build_info"].type == "gauge"
+                assert om["rpowatch_events"].type == "counter"
+                assert om["rpowatch_evaluation_duration_seconds"].type == "histogram"
+                lag = [s for s in om["rpowatch_replication_lag_seconds"].samples if s.labels["vm"] == "vm1"]
+                assert [s.value for s in lag] == [pytest.approx(60 + SCRAPE_DELAY_S)]
+            for plain in (None, "text/plain;version=0.0.4", "text/html,application/xhtml+xml,*/*;q=0.8"):
+                content_type, body = await scrape(plain)
+                assert content_type.startswith("text/plain; version=0.0.4"), (plain, content_type)
+                assert "# EOF" not in body
+                text = {f.name: f for f in text_string_to_metric_families(body)}
+                assert text["rpowatch_build_info"].type == "gauge"
+                assert text["rpowatch_events"].type == "counter"
+    finally:
+        await runner.cleanup()
+
+
+def test_notification_counters_are_preinitialised_per_alertmanager_url(result: TickResult) -> None:
+    counters = SelfCounters()
+    counters.count_notification("http://am-1:9093", ok=False, n=2)
+    holder = SnapshotHolder(Snapshot(result, counters.freeze()))
+    registry = CollectorRegistry()
+    registry.register(RpowatchCollector(holder, alertmanager_urls=["http://am-1:9093", "http://am-2:9093"]))
+    get = registry.get_sample_value
+    assert get("rpowatch_alertmanager_notifications_total", {"url": "http://am-1:9093"}) == 2
+    assert get("rpowatch_alertmanager_notifications_failed_total", {"url": "http://am-1:9093"}) == 2
+    assert get("rpowatch_alertmanager_notifications_total", {"url": "http://am-2:9093"}) == 0
+    assert get("rpowatch_alertmanager_notifications_failed_total", {"url": "http://am-2:9093"}) == 0

@@ -137,7 +137,7 @@ def test_node_heartbeat_lost_after_timeout_or_when_down() -> None:
     feed(engine, Stream.HEARTBEAT, [hb("h1", T0, "n1"), hb("h2", T0, "n2", state="down")], T0)
     assert states(engine.tick(T0 + 10 * S), "NodeHeartbeatLost") == {"c1": "firing"}  # n2 is down
     result = engine.tick(T0 + 16 * S)
-    assert sorted(json.loads(labels)["node"] for labels in result.firing()["labels"]) == ["n1", "n2"]
+    assert sorted(json.loads(labels)["node"] for labels in result.with_details(result.firing())["labels"]) == ["n1", "n2"]
     feed(engine, Stream.HEARTBEAT, [hb("h3", T0 + 17 * S, "n1"), hb("h4", T0 + 17 * S, "n2")], T0 + 17 * S)
     result = engine.tick(T0 + 17 * S)
     assert result.firing().is_empty()
@@ -153,7 +153,7 @@ def test_backup_rpo_breach_counts_consecutive_failures_and_resolves_on_success()
     result = engine.tick(T0 + 11 * S)
     assert states(result, "BackupRPOBreach") == {"vm1": "firing"}
     assert result.views.vm_backup.get_column("consecutive_failures").to_list() == [2]
-    assert "2 consecutive" in json.loads(result.firing().get_column("annotations")[0])["description"]
+    assert "2 consecutive" in json.loads(result.with_details(result.firing()).filter(pl.col("alertname") == "BackupRPOBreach").get_column("annotations")[0])["description"]
     feed(engine, Stream.BACKUP, [bk("b4", T0 + 12 * S, "succeeded", rp=T0 + 12 * S)], T0 + 12 * S)
     result = engine.tick(T0 + 13 * S)
     assert states(result, "BackupRPOBreach") == {"vm1": "resolved"}
