@@ -186,6 +186,7 @@ def build_state(vms: int, vms_per_cluster: int, now_ms: int = NOW0_MS) -> state.
             pl.lit(0).alias("missed_cur"),
             pl.lit(0).alias("missed_prev"),
             pl.col("status_since_ms").alias("status_event_ms"),
+            state.link_key().alias("link_key"),
         )
         .select(state.REPLICATION_SCHEMA.names())
         .cast(state.REPLICATION_SCHEMA)
@@ -218,6 +219,11 @@ def build_state(vms: int, vms_per_cluster: int, now_ms: int = NOW0_MS) -> state.
         )
         .collect()
         .with_columns(
+            pl.col("last_success_ms").alias("last_success_job_ms"),
+            # One failure time per consecutive failure, after the last success.
+            pl.int_ranges(pl.col("consecutive_failures"))
+            .list.eval(pl.element() * 0)
+            .alias("failure_ts"),
             pl.lit(14).alias("daily_points"),
             pl.lit(0).alias("weekly_points"),
             pl.lit(6).alias("monthly_points"),

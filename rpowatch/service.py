@@ -75,7 +75,15 @@ class Service:
         self.holder = SnapshotHolder()
         self.counters = SelfCounters()
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(RpowatchCollector(self.holder, export_per_vm=self.settings.export.per_vm))
+        self.registry.register(
+            RpowatchCollector(
+                self.holder,
+                export_per_vm=self.settings.export.per_vm,
+                # Series that read 0 from the start, rather than appearing on first use.
+                known_alerts=[(r.name, r.spec.severity) for r in self.pack.rules],
+                alertmanager_urls=self.settings.alertmanager.urls,
+            )
+        )
         self._evaluation = make_evaluation_histogram(self.registry)
         self._limits = DecodeLimits(
             max_payload_bytes=self.settings.ingest.max_payload_bytes,

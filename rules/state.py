@@ -67,6 +67,8 @@ REPLICATION_SCHEMA = pl.Schema(
         "service_group": pl.String(),
         "rpo_target_s": pl.Float64(),
         "failover_test_max_age_s": pl.Float64(),
+        # Hash of (cluster_id, target_id): joins and groups per link on an integer, not strings.
+        "link_key": pl.UInt64(),
         # Sliding-window cycle counters (see WindowCounters): index of the current window
         # bucket, and completed / missed cycles in it and in the one before.
         "window_bucket": MS(),
@@ -198,6 +200,10 @@ def drop_seen(
         ]
     )
     return replace(state, seen={**state.seen, stream: remembered}), fresh
+
+
+def link_key() -> pl.Expr:
+    return pl.concat_str([pl.col("cluster_id"), pl.col("target_id")], separator="\x1f").hash()
 
 
 def drop_clusters(fleet: FleetState, cluster_ids: list[str]) -> FleetState:
@@ -345,6 +351,7 @@ def apply_replication(
     columns = set(merged.columns)
     twice_interval = pl.col("frequency_s").cast(pl.Float64) * 2
     return merged.with_columns(
+        link_key().alias("link_key"),
         resolve(policies, columns, "replication_rpo_seconds", twice_interval).alias("rpo_target_s"),
         resolve(
             policies, columns, "failover_test_max_age_seconds", pl.lit(DEFAULT_POLICY.failover_test_max_age_seconds)

@@ -112,6 +112,7 @@ def _replication_base(state: FleetState, now_ms: int, params: ViewParams) -> pl.
             pl.col("vm_id").alias("vm"),
             pl.col("cluster_id").alias("hci_cluster"),
             pl.col("target_id").alias("target"),
+            pl.col("link_key"),
             pl.col("technology"),
             pl.col("service_group"),
             pl.col("storage_path_id").alias("storage_path"),
@@ -152,8 +153,10 @@ def _links(base: pl.LazyFrame, clusters: pl.DataFrame, params: ViewParams) -> pl
     )
     capacity = pl.coalesce("declared_capacity", "net_capacity_bytes_per_s")
     return (
-        base.group_by("hci_cluster", "target")
+        base.group_by("link_key")
         .agg(
+            pl.col("hci_cluster").first(),
+            pl.col("target").first(),
             pl.col("churn_bytes_per_s").sum().alias("needed_bytes_per_s"),
             pl.col("pending_bytes").sum().alias("pending_bytes"),
             pl.len().alias("vms"),
@@ -165,6 +168,7 @@ def _links(base: pl.LazyFrame, clusters: pl.DataFrame, params: ViewParams) -> pl
             how="left",
         )
         .select(
+            "link_key",
             "hci_cluster",
             "target",
             "needed_bytes_per_s",
@@ -209,8 +213,8 @@ def replication_view(base: pl.LazyFrame, links: pl.DataFrame, params: ViewParams
     )
     return (
         base.join(
-            links.lazy().select("hci_cluster", "target", "needed_bytes_per_s", "capacity_bytes_per_s", "saturation_ratio"),
-            on=["hci_cluster", "target"],
+            links.lazy().select("link_key", "needed_bytes_per_s", "capacity_bytes_per_s", "saturation_ratio"),
+            on="link_key",
             how="left",
         )
         .with_columns(
@@ -227,7 +231,7 @@ def replication_view(base: pl.LazyFrame, links: pl.DataFrame, params: ViewParams
             .otherwise(pl.lit("normal"))
             .alias("health_state")
         )
-        .drop("needed_bytes_per_s", "capacity_bytes_per_s")
+        .drop("needed_bytes_per_s", "capacity_bytes_per_s", "link_key")
         .rename({"saturation_ratio": "link_saturation_ratio"})
         .collect()
     )
@@ -260,14 +264,18 @@ def backup_view(state: FleetState, now_ms: int, params: ViewParams) -> pl.DataFr
 
 
 def vm_view(replication: pl.DataFrame, backup: pl.DataFrame) -> pl.DataFrame:
-    """Each VM's protection as a whole: is it recoverable by any means within policy?"""
-    replica = replication.select(
-        "vm", "hci_cluster", (pl.col("lag_seconds") <= pl.col("rpo_target_seconds")).alias("replica_within_rpo")
+    """VMs with at least one kind of protection out of policy (the others are protected and
+    cannot raise a VM-level alert), with both kinds side by side."""
+    replica_ok = pl.col("lag_seconds") <= pl.col("rpo_target_seconds")
+    backup_ok = pl.col("backup_age_seconds") <= pl.col("backup_rpo_target_seconds")
+    candidates = pl.concat(
+        [replication.filter(~replica_ok).select("vm"), backup.filter(~backup_ok).select("vm")]
+    ).unique()
+    replica = replication.join(candidates, on="vm", how="semi").select(
+        "vm", "hci_cluster", replica_ok.alias("replica_within_rpo")
     )
-    backups = backup.select(
-        "vm",
-        pl.col("hci_cluster").alias("backup_hci_cluster"),
-        (pl.col("backup_age_seconds") <= pl.col("backup_rpo_target_seconds")).alias("backup_within_rpo"),
+    backups = backup.join(candidates, on="vm", how="semi").select(
+        "vm", pl.col("hci_cluster").alias("backup_hci_cluster"), backup_ok.alias("backup_within_rpo")
     )
     return replica.join(backups, on="vm", how="full", coalesce=True).select(
         "vm",
@@ -349,15 +357,25 @@ def cluster_view(nodes: pl.DataFrame, state: FleetState) -> pl.DataFrame:
 
 
 def service_group_view(replication: pl.DataFrame) -> pl.DataFrame:
+    # Grouped on hashes (integers) rather than strings, and "one path for all" as min == max
+    # of the path's hash, because a fleet has as many service groups as a fifth of its VMs.
+    path_key = pl.col("storage_path").hash()
     return (
-        replication.filter(pl.col("service_group").is_not_null())
-        .group_by("service_group")
+        replication.lazy()
+        .filter(pl.col("service_group").is_not_null())
+        .with_columns(pl.col("service_group").hash().alias("sg_key"), path_key.alias("path_key"))
+        .group_by("sg_key")
         .agg(
+            pl.col("service_group").first(),
             pl.col("hci_cluster").first(),
-            pl.col("vm").n_unique().alias("vms"),
-            pl.col("storage_path").drop_nulls().n_unique().alias("storage_paths"),
-            pl.col("storage_path").drop_nulls().first().alias("storage_path"),
+            pl.len().alias("vms"),
+            ((pl.col("path_key").min() == pl.col("path_key").max()) & pl.col("storage_path").null_count().eq(0)).alias(
+                "single_storage_path"
+            ),
+            pl.col("storage_path").first(),
         )
+        .drop("sg_key")
+        .collect()
     )
 
 
