@@ -86,7 +86,7 @@ class KafkaSource(_Section):
     # record timestamp) before their alerts are evaluated; 0 turns that off.
     replay_window: Duration = Field(default=7200.0, ge=0)
     # Partitions are paused while this many batches are queued or being applied.
-    max_in_flight_batches: int = Field(default=4, gt=0)
+    max_in_flight_batches: int = Field(default=8, gt=0)
     session_timeout: Duration = Field(default=10.0, gt=0)
     heartbeat_interval: Duration = Field(default=3.0, gt=0)
     max_poll_interval: Duration = Field(default=300.0, gt=0)
@@ -198,6 +198,16 @@ class Evaluation(_Section):
     max_future_skew: Duration = Field(default=300.0, ge=0)
     dedupe_window: Duration = Field(default=600.0, ge=0)
     at_risk_ratio: float = Field(default=0.8, gt=0, lt=1)
+    # A breach predicted within this much time raises ReplicationRPOAtRisk.
+    lookahead: Duration = Field(default=300.0, ge=0)
+    # Missed replication cycles are judged over this window (Hyper-V Replica: 1 h to 7 d).
+    monitoring_window: Duration = Field(default=3600.0, ge=3600.0, le=7 * 86400.0)
+    # Throughput and IOPS are averaged over this time constant.
+    rolling_window: Duration = Field(default=300.0, gt=0)
+    # A source silent this long raises IngestStalled and holds back its heartbeat-loss alerts.
+    ingest_stall: Duration = Field(default=60.0, gt=0)
+    # Annotations of standing alerts are re-rendered this often (and whenever they fire).
+    annotation_refresh: Duration = Field(default=30.0, ge=0)
 
 
 class Alertmanager(_Section):

@@ -51,6 +51,11 @@ def engine_settings(settings: Settings) -> EngineSettings:
         dedupe_window_s=settings.evaluation.dedupe_window,
         resolved_retention_s=settings.alertmanager.resolved_retention,
         at_risk_ratio=settings.evaluation.at_risk_ratio,
+        lookahead_s=settings.evaluation.lookahead,
+        monitoring_window_s=settings.evaluation.monitoring_window,
+        rolling_window_s=settings.evaluation.rolling_window,
+        ingest_stall_s=settings.evaluation.ingest_stall,
+        annotation_refresh_s=settings.evaluation.annotation_refresh,
         policies=settings.effective_policies(),
         link_capacity_bytes_per_s=tuple((c.hci_cluster, c.target, c.bytes_per_s) for c in settings.link_capacities),
     )
