@@ -1,14 +1,16 @@
 """Benchmark of the history store: 10,000 VMs x 30 days at 1-minute resolution, and the writer
 at 1,000,000 VMs.
 
-    python3 -m bench.history                     # about 4 minutes, about 1 GB of disk
+    python3 -m bench.history                     # about 3 minutes, about 2 GB of disk
     python3 -m bench.history --days 3 --writer-vms 100000   # a quick look
 
 1. **Generate** the VM table straight into the store's file layout: one sealed `day` file per
    day (sorted by vm, ts) plus its compliance rollup, written by `maintenance.seal_frame` (what
    sealing writes). Lag is a sawtooth below the RPO (2 x the replication interval, mixed
-   30/300/900 s) with incidents: about 2 % of VMs per day breach for 5 to 120 minutes, 0.3 %
-   for 2 to 8 hours. Values come from hashing (VM, day), so runs are deterministic.
+   30/300/900 s) plus a millisecond fraction that changes every 5 minutes (about 5 bytes a row
+   on disk; whole seconds would compress to 0.2), with incidents: about 2 % of VMs per day
+   breach for 5 to 120 minutes, 0.3 % for 2 to 8 hours. Values come from hashing (VM, day),
+   so runs are deterministic.
 2. **One VM's 30-day series** (`queries.lag`, 43,200 rows) for 5 VMs; baseline, timed just
    before each query on the same files: `pl.scan_parquet(day files).filter(vm == x).collect()`.
    Also the JSON the HTTP API sends for it.
@@ -30,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import shutil
 import statistics
@@ -42,7 +43,7 @@ from typing import Any
 
 import polars as pl
 
-from bench._common import machine_line, ms, percentile, summary, timed, uniform
+from bench._common import machine_line, ms, summary, timed, uniform
 from exporters.history import maintenance, output, queries
 from exporters.history.queries import Window
 from exporters.history.store import HistoryStore, day_of
@@ -106,18 +107,20 @@ def incidents(vms: int, day: int) -> pl.DataFrame:
 
 def day_rows(base: pl.DataFrame, day: int) -> pl.DataFrame:
     t0 = T0 + day * DAY_MS
-    per_vm = incidents(base.get_column("v").max() + 1, day)  # type: ignore[operator]
+    per_vm = incidents(int(base.get_column("v").max()) + 1, day)  # type: ignore[arg-type]
     v, m, f = pl.col("v"), pl.col("m"), pl.col("freq")
     start = pl.col("start")
     incident = (m >= start) & (m < start + pl.col("length"))
     sawtooth = f + (m * 60 + v * 7) % f  # between 1 and 2 intervals behind: within RPO
-    lag = pl.when(incident).then(2 * f + (m - start + 1) * 60).otherwise(sawtooth).cast(pl.Float64)
+    # Ticks land on whole seconds, recovery points anywhere: a millisecond fraction per cycle.
+    fraction = (uniform((v * PER_DAY + m // 5) * 31 + day, 16) * 1000).floor() / 1000
+    lag = pl.when(incident).then(2 * f + (m - start + 1) * 60).otherwise(sawtooth).cast(pl.Float64) + fraction
     return pl.concat([base, per_vm[base.get_column("v")]], how="horizontal").select(
         (t0 + m * MIN_MS).alias("ts_ms"),
         pl.lit(MIN_MS, dtype=pl.Int64).alias("interval_ms"),
         "vm", "hci_cluster", "target", "technology", "service_group",
         lag.alias("lag_max_seconds"),
-        (lag - (m * 13 + v) % 30).alias("lag_last_seconds"),
+        (lag - (m * 13 + v) % 30 - fraction).alias("lag_last_seconds"),
         (2 * f).cast(pl.Float64).alias("rpo_target_seconds"),
         pl.when(incident).then((m - start + 1) * 50_000_000).otherwise(0).alias("pending_bytes"),
         pl.lit(60, dtype=pl.Int64).alias("samples"),
@@ -183,7 +186,7 @@ def bench_lag(store: HistoryStore, vms: int, days: int, repeats: int) -> dict[st
         measured += m
         base += b
         rows = frame.height
-        json_s.append(timed(lambda frame=frame: output.to_json("lag", frame))[0])
+        json_s.append(timed(lambda: output.to_json("lag", frame))[0])
     ms_, bs = summary(measured), summary(base)
     return {"vms": picks, "rows": rows, "query": ms_, "baseline": bs, "ratio": ms_["median_ms"] / bs["median_ms"],
             "json": summary(json_s)}
@@ -199,7 +202,7 @@ def bench_compliance(store: HistoryStore, days: int, repeats: int) -> dict[str, 
     )
     out["by_vm"] = {"query": summary(m), "baseline": summary(b), "ratio": statistics.median(m) / statistics.median(b),
                     "groups": frame.height, "breaches": int(frame.get_column("breaches").sum()),
-                    "worst_within_rpo": float(frame.get_column("within_rpo_ratio").min())}  # type: ignore[arg-type]
+                    "worst_within_rpo": frame.get_column("within_rpo_ratio").min()}
     for group in ("service_group", "hci_cluster"):
         m, _, frame = interleaved(lambda group=group: queries.compliance(store, window, group), lambda: None, 3, 0)
         out[f"by_{group}"] = {"query": summary(m), "groups": frame.height}
@@ -248,8 +251,22 @@ def fleet_views(vms: int, now_ms: int, seed: int, shuffled: bool = False) -> Vie
 
 def bench_writer(root: Path, vms: int, repeats: int, live_s: float) -> dict[str, Any]:
     store = HistoryStore(root / "writer")
-    t_build, variants = timed(lambda: [fleet_views(vms, 0, seed) for seed in range(3)])
-    shuffled = fleet_views(vms, 0, 9, shuffled=True)
+    # Views come in a different row order at every tick (they are built with hash joins).
+    t_build, variants = timed(lambda: [fleet_views(vms, 0, seed, shuffled=True) for seed in range(3)])
+    # Each of these has one more new VM than the one before: every tick takes the join path.
+    joins = max(3, repeats // 3) + 1
+    grown = [
+        dataclasses.replace(
+            variants[0],
+            vm_replication=pl.concat(
+                [
+                    variants[0].vm_replication,
+                    variants[0].vm_replication.head(k + 1).with_columns(pl.format("new-{}", pl.int_range(pl.len())).alias("vm")),
+                ]
+            ),
+        )
+        for k in range(joins)
+    ]
     log(f"  built {vms:,}-VM views in {t_build:.1f} s")
     writer = HistoryWriter(store, interval_ms=3_600_000)  # no interval ends during the timing
     now = T0
@@ -263,8 +280,8 @@ def bench_writer(root: Path, vms: int, repeats: int, live_s: float) -> dict[str,
 
     replication = variants[0].vm_replication
     fast, base, _ = interleaved(lambda: absorb(variants[tick % 3]), lambda: replication.filter(pl.col("lag_seconds") > 60), repeats)
-    # Alternating the row order makes every tick take the join path.
-    joined, _, _ = interleaved(lambda: absorb(shuffled if tick % 2 else variants[0]), lambda: None, max(3, repeats // 3))
+    first_join = tick
+    joined, _, _ = interleaved(lambda: absorb(grown[tick - first_join]), lambda: None, joins - 1)
     assert writer.stats.fast_folds >= repeats and writer.stats.joined_folds >= 3
     flushes: list[float] = []
     raw_writes: list[float] = []
@@ -290,7 +307,7 @@ def bench_writer(root: Path, vms: int, repeats: int, live_s: float) -> dict[str,
         "vm_file_bytes": file_bytes,
     }
     for resolution_s in (1, 10, 60, 300):
-        busy_s = min(resolution_s, 1) * 0 + resolution_s * f["median_ms"] / 1000 + fs["median_ms"] / 1000
+        busy_s = resolution_s * f["median_ms"] / 1000 + fs["median_ms"] / 1000
         out[f"busy_share_{resolution_s}s"] = busy_s / resolution_s
     if live_s > 0:
         out["live"] = live_run(root / "live", variants, live_s)

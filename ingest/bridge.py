@@ -102,7 +102,7 @@ class Bridge:
         s = self._settings.mqtt
         client = new_client(s, self._settings.client_id)
         # aiomqtt 2.5.1 exposes no manual acknowledgement; paho's is the documented workaround.
-        client._client.manual_ack_set(False)
+        client._client.manual_ack_set(True)
         delay = BACKOFF_INITIAL_S
         while not stop.is_set():
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+from itertools import repeat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,14 +91,15 @@ def _fast_read(stream: Stream, payloads: Sequence[bytes], limits: DecodeLimits) 
     """All payloads as text columns in one read, or None when the batch needs the slow path."""
     # read_ndjson would take a JSON array or scalar line as an all-null row, so anything that
     # does not start as an object goes to the slow path (leading whitespace there is fine).
-    limit = limits.max_payload_bytes
-    if any(len(p) > limit or p[:1] != b"{" for p in payloads):
+    # Both checks run in C over the whole batch (map with builtins, no Python frame per record).
+    if max(map(len, payloads)) > limits.max_payload_bytes or not all(map(bytes.startswith, payloads, repeat(b"{"))):
         return None
     buf = b"\n".join(payloads)
     if buf.count(b"\n") != len(payloads) - 1:
         return None  # a payload with a raw newline (pretty-printed JSON, or an empty one)
     try:
-        buf.decode("utf-8")
+        if not buf.isascii():  # ASCII is UTF-8; only other text needs the (copying) check
+            buf.decode("utf-8")
         frame = _read_text_columns(stream, buf)
     except (UnicodeDecodeError, pl.exceptions.PolarsError):
         return None

@@ -22,10 +22,14 @@ revoked, then the new assignment is handed out):
     applied, so a hand-over neither invents nor loses an alert. Positions below the committed
     offset are never committed again (that would move the group backwards).
 
-Backpressure: while more than `max_in_flight_batches` batches are queued or being applied, every
-assigned partition is paused; `getmany` keeps being called (it then waits its timeout and
-returns nothing), so the member stays in the group. Memory is bounded by the in-flight batches
-plus aiokafka's fetch buffers.
+Backpressure: at most `max_in_flight_batches` batches are queued or being applied. When that
+many are, the fetch task stops draining aiokafka (whose prefetch holds at most one fetch per
+partition), and the queued batches are handed over merged, as one larger batch, so a pipeline
+that fell behind catches up in fewer, larger applies. If it stays that far behind for
+PAUSE_AFTER_S, every assigned partition is paused and `getmany` keeps being called (it then
+waits its timeout and returns nothing), so the member stays in the group however long the
+pipeline needs; they are resumed as soon as there is room. Memory stays bounded by the
+in-flight batches plus aiokafka's fetch buffers whatever the input rate.
 
 Broker trouble: aiokafka reconnects by itself and `getmany` returns quietly (and empty) while
 the broker is away (aiokafka #992), so `up` is not inferred from silence: a probe task asks for
@@ -67,6 +71,7 @@ BACKOFF_MAX_S = 30.0
 PROBE_INTERVAL_S = 1.0
 PROBE_MAX_INTERVAL_S = 8.0
 PROBE_TIMEOUT_S = 5.0
+PAUSE_AFTER_S = 2.0
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -87,7 +92,7 @@ class KafkaSettings:
     # How far back a newly assigned partition is replayed (by record timestamp) to rebuild the
     # state of its instances. 0 turns rebuilding off.
     replay_window_ms: int = 2 * 3600 * 1000
-    max_in_flight_batches: int = 4
+    max_in_flight_batches: int = 8
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
@@ -152,6 +157,7 @@ class _Rebuild:
     target: int  # caught up once applied up to here (the group's committed offset, or the end)
     commit_floor: int  # positions at or below this are not committed (-1: commit everything)
     release_after: int | None = None  # set once fetched to `target`: the last batch that may hold replayed records
+    applied_to: int = 0  # next offset after what has been applied: where a kept partition resumes
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -190,6 +196,7 @@ class KafkaSource:
         self._delivered: deque[Batch] = deque()  # handed over, not yet committed
         self._drained = asyncio.Event()
         self._drained.set()
+        self._room = asyncio.Event()  # set whenever a batch leaves the queue or is committed
         self._applied_seq = 0  # highest sequence committed
         self._owned: set[TopicPartition] = set()
         self._rebuilding: dict[TopicPartition, _Rebuild] = {}
@@ -197,6 +204,7 @@ class KafkaSource:
         # partition N of every topic carries the same instances, and an instance is complete only
         # once partition N of every topic is rebuilt.
         self._held: dict[int, set[str]] = {}
+        self._setting_up: set[TopicPartition] = set()  # gained, starting offsets not known yet
         self._ownership = PartitionOwnership()
         self._last_records = 0.0  # monotonic time records last arrived
         # Observable counters (tests, logs).
@@ -230,6 +238,14 @@ class KafkaSource:
             generation, seq, batch = self._queue.popleft()
             if generation != self._generation:
                 continue
+            # The pipeline fell behind: hand over what queued up behind this batch (same stream
+            # and format) as one larger batch. Applying costs about as much per batch as per
+            # record, so larger batches are how it catches up.
+            limit = self._settings.max_batch_records * self._settings.max_in_flight_batches
+            while self._queue and _mergeable(batch, self._queue[0], generation, limit):
+                _, seq, following = self._queue.popleft()
+                batch = _merge(batch, following)
+            self._room.set()
             self._seq_of[id(batch)] = seq
             self._delivered.append(batch)
             self._drained.clear()
@@ -275,6 +291,10 @@ class KafkaSource:
                 break
         if seq is not None:
             self._applied_seq = max(self._applied_seq, seq)
+        self._room.set()
+        for (topic, partition), position in batch.positions.items():
+            if (rebuild := self._rebuilding.get(TopicPartition(topic, partition))) is not None:
+                rebuild.applied_to = max(rebuild.applied_to, position)
         try:
             await self._commit_positions(batch)
             await self._release_caught_up()
@@ -353,7 +373,8 @@ class KafkaSource:
             if self._consumer is None:
                 self._consumer = await self._connect()
             consumer = self._consumer
-            self._backpressure(consumer)
+            if not await self._wait_for_room(consumer):
+                continue
             try:
                 polled = await consumer.getmany(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch_records)
             except KafkaError as exc:
@@ -376,20 +397,35 @@ class KafkaSource:
             if self._rebuilding:
                 await self._note_replay_progress(consumer)
 
-    def _backpressure(self, consumer: AIOKafkaConsumer) -> None:
-        """Pause every assigned partition while too many batches are in flight; resume once half
-        of them are done."""
-        limit = self._settings.max_in_flight_batches
-        in_flight = len(self._queue) + len(self._delivered)
-        assigned = consumer.assignment()
-        paused = consumer.paused()
-        if in_flight >= limit and assigned - paused:
-            consumer.pause(*(assigned - paused))
+    def _in_flight(self) -> int:
+        return len(self._queue) + len(self._delivered)
+
+    async def _wait_for_room(self, consumer: AIOKafkaConsumer) -> bool:
+        """True when fewer than `max_in_flight_batches` batches are queued or being applied (the
+        partitions resumed if they were paused). Meanwhile nothing is drained from aiokafka, whose
+        prefetch holds at most one fetch per partition. If the pipeline stays that far behind
+        for PAUSE_AFTER_S, every partition is paused and one empty poll made (False): the member
+        keeps polling, so it stays in the group however long the pipeline needs."""
+        if self._in_flight() < self._settings.max_in_flight_batches:
+            if paused := consumer.paused() - self._setting_up:
+                consumer.resume(*paused)
+                logger.debug("kafka: pipeline caught up; resumed %d partitions", len(paused))
+            return True
+        self._room.clear()
+        try:
+            await asyncio.wait_for(self._room.wait(), PAUSE_AFTER_S)
+            return True
+        except TimeoutError:
+            pass
+        if unpaused := consumer.assignment() - consumer.paused():
+            consumer.pause(*unpaused)
             self.pauses += 1
-            logger.debug("kafka: %d batches in flight; paused %d partitions", in_flight, len(assigned))
-        elif paused and in_flight <= limit // 2:
-            consumer.resume(*paused)
-            logger.debug("kafka: %d batches in flight; resumed", in_flight)
+            logger.info("kafka: %d batches in flight for %.0f s; paused %d partitions", self._in_flight(), PAUSE_AFTER_S, len(unpaused))
+        try:
+            await consumer.getmany(timeout_ms=self._settings.poll_timeout_ms, max_records=1)
+        except KafkaError:
+            pass  # the next round trip reports it
+        return False
 
     def _to_batches(self, polled: dict[TopicPartition, list[Any]]) -> list[Batch]:
         received = int(time.time() * 1000)
@@ -476,6 +512,9 @@ class KafkaSource:
         self.rebalances += 1
         self._generation += 1
         self._queue.clear()
+        self._room.set()
+        for rebuild in self._rebuilding.values():
+            rebuild.release_after = None  # the batches it counted on may just have been discarded
         if self._delivered:
             timeout = self._settings.rebalance_timeout_ms / 2000
             try:
@@ -489,8 +528,21 @@ class KafkaSource:
         logger.info("kafka: partitions revoked for a rebalance: %s", _names(revoked))
 
     async def _partitions_assigned(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
+        lost, fresh = self._owned - assigned, assigned - self._owned
+        # Fetching resumes as soon as aiokafka has set the assignment, concurrently with this
+        # callback: until their starting offsets are known, gained partitions stay paused (or
+        # their records would be applied, and then replayed again). Nothing above awaits.
+        if fresh:
+            consumer.pause(*fresh)
+            self._setting_up |= fresh
+        # A kept partition whose rebuild the rebalance interrupted goes on from what was applied
+        # (the eager protocol reset it to the group's committed offset, which a replay stays
+        # below).
+        for tp in assigned & self._owned:
+            if (rebuild := self._rebuilding.get(tp)) is not None and rebuild.target >= 0:
+                consumer.seek(tp, rebuild.applied_to)
+        self._owned = set(assigned)
         try:
-            lost = self._owned - assigned
             if lost:
                 ids = self._ownership.forget(_keys(lost))
                 for tp in lost:
@@ -500,28 +552,30 @@ class KafkaSource:
                 if ids and self._state is not None:
                     await self._state.drop_instances(ids)
                 logger.info("kafka: lost %s; dropped the state of %d instances", _names(lost), len(ids))
-            # Gained partitions, and kept ones whose rebuild the rebalance interrupted.
-            fresh = {tp for tp in assigned if tp not in self._owned or tp in self._rebuilding}
-            self._owned = set(assigned)
             if fresh:
                 await self._begin_rebuild(consumer, fresh)
             logger.info("kafka: assigned %s", _names(assigned))
         except Exception:  # aiokafka would only log it; say what it means here
             logger.exception("kafka: handling the new assignment failed; state may be incomplete")
+        finally:
+            self._setting_up -= fresh
+            if resumable := fresh & consumer.assignment():
+                consumer.resume(*resumable)
 
     async def _begin_rebuild(self, consumer: AIOKafkaConsumer, fresh: set[TopicPartition]) -> None:
         s = self._settings
         tps = sorted(fresh)
         now_ms = int(time.time() * 1000)
+        if s.replay_window_ms <= 0:  # rebuilding turned off: consume from the committed offsets
+            for tp in tps:
+                self._rebuilding[tp] = _Rebuild(target=-1, commit_floor=-1, release_after=0)
+            await self._release_caught_up()
+            return
         try:
             committed = {tp: await consumer.committed(tp) for tp in tps}
             begins = await consumer.beginning_offsets(tps)
             ends = await consumer.end_offsets(tps)
-            by_time = (
-                await consumer.offsets_for_times({tp: max(0, now_ms - s.replay_window_ms) for tp in tps})
-                if s.replay_window_ms > 0
-                else {}
-            )
+            by_time = await consumer.offsets_for_times({tp: max(0, now_ms - s.replay_window_ms) for tp in tps})
         except KafkaError as exc:
             logger.error(
                 "kafka: cannot look up where to replay %s from (%s); they continue from their "
@@ -542,7 +596,9 @@ class KafkaSource:
             start = max(begins[tp], min(start, live))
             if start < target:
                 consumer.seek(tp, start)
-                self._rebuilding[tp] = _Rebuild(target=target, commit_floor=last if last is not None else -1)
+                self._rebuilding[tp] = _Rebuild(
+                    target=target, commit_floor=last if last is not None else -1, applied_to=start
+                )
                 self.replays += 1
                 logger.info(
                     "kafka: rebuilding %s:%d from offset %d (replay window %.0f s) up to %d",
@@ -631,6 +687,30 @@ def _hint(exc: BaseException, described: str, kwargs: dict[str, Any]) -> str:
     if protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
         return f"no answer to {protocol}; does the listener expect TLS (security_protocol)? "
     return ""
+
+
+def _mergeable(batch: Batch, following: tuple[int, int, Batch], generation: int, limit: int) -> bool:
+    gen, _, other = following
+    return (
+        gen == generation
+        and other.stream == batch.stream
+        and other.format == batch.format
+        and len(batch) + len(other) <= limit
+    )
+
+
+def _merge(first: Batch, second: Batch) -> Batch:
+    return Batch(
+        first.source,
+        first.stream,
+        first.payloads + second.payloads,
+        first.topics + second.topics,
+        first.partitions + second.partitions,
+        first.offsets + second.offsets,
+        max(first.received_at_ms, second.received_at_ms),
+        {**first.positions, **second.positions},  # later batches hold later offsets
+        format=first.format,
+    )
 
 
 def describe_error(exc: BaseException) -> str:

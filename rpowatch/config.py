@@ -246,6 +246,8 @@ class HistoryCompaction(_Section):
     seal_after: Duration = Field(default=600.0, ge=0)
     # How often compaction and retention run (on their own thread, never the writer's).
     interval: Duration = Field(default=600.0, gt=0)
+    # Rewrites of more rows than this stream unsorted (bounded memory; one-VM reads get slower).
+    max_sort_rows: int = Field(default=50_000_000, gt=0)
 
 
 class History(_Section):

@@ -315,19 +315,30 @@ def alerts_command(
 def compact_command(
     path: PathOpt = None,
     config: ConfigOpt = None,
-    min_files: Annotated[int, typer.Option(min=2, help="merge a day's small files from this many")] = 60,
-    seal_after: Annotated[str, typer.Option(help="seal a day this long after it ends")] = "10m",
-    retention: Annotated[str, typer.Option(help="remove days older than this")] = "400d",
+    min_files: Annotated[int | None, typer.Option(min=2, help="merge a day's small files from this many")] = None,
+    seal_after: Annotated[str | None, typer.Option(help="seal a day this long after it ends (e.g. 10m, 0s)")] = None,
+    retention: Annotated[str | None, typer.Option(help="remove days older than this (e.g. 400d)")] = None,
 ) -> None:
     """Compact, seal (with compliance rollups) and prune a local store now (the service does it itself)."""
     store = open_store(path, None, config)
+    # Defaults: the configuration's `history` section when --config is given, else its defaults.
+    history = load_settings(config).history
     try:
         policy = maintenance.Policy(
-            min_files=min_files,
-            seal_after_ms=params.parse_duration_ms("--seal-after", seal_after) if seal_after not in ("0", "0s") else 0,
-            retention_ms=params.parse_duration_ms("--retention", retention),
+            min_files=min_files or history.compaction.min_files,
+            seal_after_ms=_duration_ms("--seal-after", seal_after, history.compaction.seal_after),
+            retention_ms=_duration_ms("--retention", retention, history.retention) or 1,
+            max_sort_rows=history.compaction.max_sort_rows,
         )
     except params.QueryError as exc:
         raise _fail(str(exc)) from None
     report = maintenance.run(store, _now_ms(), policy)
     typer.echo(f"{store.location}: {report}")
+
+
+def _duration_ms(name: str, text: str | None, default_s: float) -> int:
+    if text is None:
+        return round(default_s * 1000)
+    if text.strip() in ("0", "0s", "0m"):
+        return 0
+    return params.parse_duration_ms(name, text)

@@ -7,4 +7,5 @@ partitioned by day, queried with polars lazy scans (docs/history.md).
 - `maintenance`: compaction, sealing with rollups, retention.
 - `compliance`, `queries`: what the API and the CLI answer; `params` parses what users type,
   `output` formats answers; `http` serves `/api/v1/history/...`.
+- `runtime`: the writer and maintenance threads the service starts from its configuration.
 """

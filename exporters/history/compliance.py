@@ -106,7 +106,7 @@ def combine(
     """Compliance per group from chunks (VM_DAILY schema) that cover disjoint time."""
     if group_by not in GROUP_BY:
         raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
-    chunks = chunks.collect().lazy()
+    chunks = chunks.collect(engine="streaming").lazy()
     per_vm = chunks.group_by("vm").agg(
         *[pl.col(c).sort_by("last_ts_ms").last() for c in ATTRS],
         pl.col("observed_ms").sum(),

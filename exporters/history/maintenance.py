@@ -29,12 +29,16 @@ from exporters.history.tables import ALL, DAY_MS, VM, VM_DAILY, Table
 
 logger = logging.getLogger(__name__)
 
+FIRST_PASS_S = 60.0
+
 
 @dataclass(frozen=True)
 class Policy:
     min_files: int = 60
     seal_after_ms: int = 10 * 60_000
     retention_ms: int = 400 * DAY_MS
+    # Above this many rows a rewrite streams instead of sorting (bounded memory at fleet scale).
+    max_sort_rows: int = 50_000_000
 
 
 @dataclass
@@ -58,11 +62,18 @@ def _bounds(files: list[FileRef]) -> tuple[int, int]:
     return min(f.min_ms for f in files), max(f.max_ms for f in files)
 
 
-def _rewrite(store: HistoryStore, table: Table, day: str, files: list[FileRef], kind: str) -> FileRef:
-    """Write `files` as one sorted file of `kind`, then delete them."""
+def _rewrite(store: HistoryStore, table: Table, day: str, files: list[FileRef], kind: str, max_sort_rows: int) -> FileRef:
+    """Write `files` as one file of `kind`, sorted by key unless that would hold more than
+    `max_sort_rows` rows in memory (then streamed as they are: sorting only speeds up reads),
+    then delete them."""
     low, high = _bounds(files)
     ref = FileRef(table.name, day, kind, low, high, new_uid())
-    rows = store.scan_files(table, files).sort(*table.key)
+    rows = store.scan_files(table, files)
+    total = pl.scan_parquet([store.storage.path(f.table, f.day, f.name) for f in files]).select(pl.len()).collect().item()
+    if total <= max_sort_rows:
+        rows = rows.sort(*table.key)
+    else:
+        logger.info("history: %s/%s has %d rows; rewriting without sorting", table.name, day, total)
     store.storage.write(table.name, day, ref.name, rows)
     for f in files:
         store.storage.delete(table.name, day, f.name)
@@ -72,7 +83,7 @@ def _rewrite(store: HistoryStore, table: Table, day: str, files: list[FileRef], 
 def write_rollup(store: HistoryStore, day_file: FileRef, rows: pl.DataFrame | None = None) -> None:
     """The rollup of a sealed `day` file (read back, or `rows` when the caller has them)."""
     source = rows.lazy() if rows is not None else store.scan_files(VM, [day_file])
-    rollup = summarize(source).collect()
+    rollup = summarize(source).collect(engine="streaming")
     store.storage.write(VM_DAILY.name, day_file.day, f"rollup-{day_file.uid}.parquet", rollup)
     for name in store.storage.names(VM_DAILY.name, day_file.day):
         if name != f"rollup-{day_file.uid}.parquet":
@@ -101,7 +112,7 @@ def run(store: HistoryStore, now_ms: int, policy: Policy = Policy()) -> Report:
                 continue
             if now_ms >= day_start_ms(day) + DAY_MS + policy.seal_after_ms:
                 if len(files) > 1 or files[0].kind != "day":
-                    files = [_rewrite(store, table, day, files, "day")]
+                    files = [_rewrite(store, table, day, files, "day", policy.max_sort_rows)]
                     report.sealed.append(f"{table.name}/{day}")
                 if table is VM and store.sealed_rollup(day) is None:
                     write_rollup(store, files[0])
@@ -109,7 +120,7 @@ def run(store: HistoryStore, now_ms: int, policy: Policy = Policy()) -> Report:
             else:
                 parts = [f for f in files if f.kind == "part"]
                 if len(parts) >= policy.min_files:
-                    _rewrite(store, table, day, parts, "merged")
+                    _rewrite(store, table, day, parts, "merged", policy.max_sort_rows)
                     report.merged.append(f"{table.name}/{day}")
     return report
 
@@ -134,7 +145,10 @@ class BackgroundMaintenance:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        # The first pass comes soon after a start, so a service restarted often still compacts.
+        delay = min(self.every_s, FIRST_PASS_S)
+        while not self._stop.wait(delay):
+            delay = self.every_s
             try:
                 started = time.perf_counter()
                 self.last = run(self.store, int(self.clock() * 1000), self.policy)

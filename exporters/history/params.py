@@ -36,8 +36,10 @@ class QueryError(ValueError):
 
 
 def parse_duration_ms(name: str, text: str) -> int:
+    value = text.strip()
+    weeks = re.fullmatch(r"(\d+(?:\.\d+)?)\s*w", value)  # Grafana's $__interval can say 1w
     try:
-        seconds = parse_duration(text.strip())
+        seconds = float(weeks.group(1)) * 7 * 86_400 if weeks else parse_duration(value)
     except ValueError:
         raise QueryError(f"{name}={text!r} is not a duration; use e.g. 30s, 5m, 1h or 2d") from None
     ms = round(seconds * 1000)

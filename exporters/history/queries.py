@@ -63,10 +63,11 @@ def downsample(table: Table, frame: pl.LazyFrame, step_ms: int) -> pl.LazyFrame:
             *[pl.col(c).min() for c in table.min_cols],
             pl.col("samples").sum(),
             *[pl.col(c).last() for c in last if c != "samples"],
-            # A bucket is only as long as its data says: a 1 h bucket of 60 one-minute rows.
+            # How much data the bucket holds: a 1 h bucket of 60 one-minute rows is all there.
             pl.col("interval_ms").sum().alias("observed_ms"),
+            # A step finer than the stored resolution leaves rows as they are.
+            pl.max_horizontal(pl.col("interval_ms").max(), pl.lit(step_ms, dtype=pl.Int64)).alias("interval_ms"),
         )
-        .with_columns(pl.lit(step_ms, dtype=pl.Int64).alias("interval_ms"))
     )
 
 

@@ -22,6 +22,8 @@ class CompactionSettings(Protocol):
     def seal_after(self) -> float: ...
     @property
     def interval(self) -> float: ...
+    @property
+    def max_sort_rows(self) -> int: ...
 
 
 class HistorySettings(Protocol):
@@ -72,6 +74,7 @@ class HistoryRuntime:
                 min_files=settings.compaction.min_files,
                 seal_after_ms=round(settings.compaction.seal_after * 1000),
                 retention_ms=round(settings.retention * 1000),
+                max_sort_rows=settings.compaction.max_sort_rows,
             ),
             maintenance_every_s=settings.compaction.interval,
             storage_options=settings.plain_storage_options() or None,

@@ -199,6 +199,8 @@ async def test_collector_output_over_mqtt(service: Service, kafka: KafkaBroker, 
     assert replication["edge-resync"]["status"] == "resync_required"
     assert replication["edge-ok"]["lag_seconds"] < replication["edge-ok"]["rpo_target_seconds"]
     assert firing(service, "ReplicationRPOBreach") == {"edge-stale", "edge-resync"}
+    # The heartbeat may arrive in a later batch than the replication records.
+    await until(lambda: "node1" in view(service, "node"), 30, "node1's heartbeat applied")
     assert view(service, "node")["node1"]["up"] == 1
 
     letter = (await read_dead_letters(kafka, names["dlq"], f"{prefix}-dlq", {"missing_field"}))["missing_field"]

@@ -65,7 +65,10 @@ async def _wait_for(
 
 async def test_firing_then_resolved_in_real_alertmanager(alertmanager: Alertmanager) -> None:
     with open(REPO / "rules" / "packs" / "default.yaml") as f:
-        pack, problems = compile_pack(yaml.safe_load(f), {"runbook_base": "https://runbooks.example/rpowatch"})
+        document = yaml.safe_load(f)
+    # The shipped breach rule alone, so the VM raises exactly one alert.
+    document["rules"] = [r for r in document["rules"] if r["alert"] == "ReplicationRPOBreach"]
+    pack, problems = compile_pack(document, {"runbook_base": "https://runbooks.example/rpowatch"})
     assert problems == []
     engine = Engine(pack)
     vm = f"vm-{uuid.uuid4().hex[:8]}"  # the Alertmanager is shared by the session

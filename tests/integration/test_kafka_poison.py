@@ -184,3 +184,53 @@ async def test_every_kind_of_poison_is_dead_lettered_and_the_stream_continues(ka
             assert await consumer.committed(tp) == ends[tp]
     finally:
         await consumer.stop()
+
+
+async def test_records_waiting_at_startup_are_handled_exactly_once(kafka: KafkaBroker, unique_name: str) -> None:
+    """A new group finds a backlog: it is applied (held while rebuilding) and dead-lettered once —
+    fetching resumes while the assignment is being set up, so a partition must not be fetched
+    before it has been moved to where its replay starts."""
+    topics = {s: f"{unique_name}.{s}" for s in ("replication", "backup", "heartbeat", "dlq")}
+    for name in topics.values():
+        await kafka.acreate_topic(name, partitions=3)
+    producer = await start_producer(kafka.bootstrap, "backlog-producer")
+    try:
+        for i in range(300):
+            value = encode(replication(vm_id=f"vm-{i}", event_id=f"e-{i}")) if i % 10 else b"not json"
+            await producer.send(topics["replication"], value, key=f"hci-{i % 6}".encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+    settings = Settings(**{
+        "sources": {"kafka": {
+            "enabled": True, "bootstrap_servers": kafka.bootstrap, "group_id": unique_name,
+            "topics": {k: topics[k] for k in ("replication", "backup", "heartbeat")},
+            "dead_letter_topic": topics["dlq"], "poll_timeout_ms": 50, "max_batch_records": 20,
+        }},
+        "http": {"port": 0},
+        "evaluation": {"interval": "100ms"},
+    })
+    sink, dlq_producer = await build_dead_letter_sink(settings)
+    svc = Service(settings, load_rule_packs(settings), build_sources(settings), sink)
+    await svc.start()
+    try:
+        await until(lambda: svc.engine.fleet.replication.height == 270, 30, "backlog applied")
+        await until(lambda: svc.readiness()[0], 15, "ready after the rebuild")
+        await asyncio.sleep(1)  # anything handled twice would be counted by now
+        stats = svc.holder.get().self_stats
+        assert stats.events_total == {("replication", "kafka"): 270}
+        assert stats.events_invalid_total == {("replication", "not_json"): 30}
+    finally:
+        await svc.stop()
+        if dlq_producer is not None:
+            await dlq_producer.stop()
+    letters = await read_all(kafka.bootstrap, topics["dlq"], 30)
+    origins = {(dict(r.headers)["rpowatch.origin.partition"], dict(r.headers)["rpowatch.origin.offset"]) for r in letters}
+    assert len(origins) == 30
+    reader = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
+    await reader.start()
+    try:
+        ends = await reader.end_offsets([TopicPartition(topics["dlq"], p) for p in range(3)])
+    finally:
+        await reader.stop()
+    assert sum(ends.values()) == 30  # not one dead letter twice

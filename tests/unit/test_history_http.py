@@ -16,7 +16,7 @@ from exporters.http import bound_port, make_app, start_http
 from exporters.history import queries
 from exporters.history.queries import Window
 from exporters.history.store import HistoryStore
-from exporters.history.tables import ALERTS, DAY_MS, VM
+from exporters.history.tables import ALERTS, DAY_MS, LINK, VM
 from exporters.snapshot import SnapshotHolder
 
 T0 = 20_400 * DAY_MS  # 2025-11-08T00:00:00Z
@@ -42,6 +42,13 @@ def fill(store: HistoryStore) -> None:
          "severity": "critical", "hci_cluster": "c1", "vm": "vm-1", "node": None, "labels": labels, "annotations": "{}"},
     ]
     store.write_rows(ALERTS, pl.DataFrame(log, schema=ALERTS.schema))
+    links = [
+        {"ts_ms": T0 + m * MIN, "interval_ms": MIN, "hci_cluster": "c1", "target": "t",
+         "saturation_max_ratio": 1.2 if m == 5 else 0.5, "saturation_last_ratio": 0.5, "samples": 60,
+         "last_at_ms": T0 + m * MIN + 59_000}
+        for m in range(30)
+    ]
+    store.write_rows(LINK, pl.DataFrame(links, schema=LINK.schema))
 
 
 async def serve(history: HistoryStore | None) -> tuple[web.AppRunner, str]:
@@ -79,6 +86,19 @@ async def test_lag_series(api: tuple[str, aiohttp.ClientSession, HistoryStore]) 
         ("00:00", 60.0, 600.0), ("00:10", 700.0, 600.0), ("00:20", 60.0, 600.0)]
     status, body = await get(session, f"{base}/lag?vm=vm-1,vm-2&start=1762560000&end=1762560600")
     assert status == 200 and {r["vm"] for r in json.loads(body)} == {"vm-1", "vm-2"}
+    # Grafana: ${__from} in milliseconds, $__interval finer than the stored minute.
+    status, body = await get(session, f"{base}/lag?vm=vm-1&start=1762560000000&end=1762563600000&step=15s")
+    rows = json.loads(body)
+    assert len(rows) == 30 and {r["interval_seconds"] for r in rows} == {60.0}
+
+
+async def test_link_saturation(api: tuple[str, aiohttp.ClientSession, HistoryStore]) -> None:
+    base, session, _ = api
+    status, body = await get(session, f"{base}/link?hci_cluster=c1&{DAY}&step=30m")
+    assert status == 200, body
+    (row,) = json.loads(body)
+    assert (row["target"], row["saturation_max_ratio"], row["saturation_last_ratio"]) == ("t", 1.2, 0.5)
+    assert row["observed_seconds"] == 1800.0
 
 
 async def test_compliance(api: tuple[str, aiohttp.ClientSession, HistoryStore]) -> None:

@@ -231,10 +231,10 @@ def test_compliance_and_lag_match_brute_force(
             queries.compliance(store, Window(start, end), "vm", use_rollups=False), brute_compliance(rows, start, end, "vm"), "vm"
         )
         for step in (None, 2 * HOUR, 5 * HOUR):
-            got = queries.lag(store, ["vm-0"], Window(start, end), step).to_dicts()
-            want = brute_lag(rows, "vm-0", start, end, step)
-            assert [r["ts_ms"] for r in got] == [r["ts_ms"] for r in want]
-            for g, w in zip(got, want, strict=True):
+            lagged = queries.lag(store, ["vm-0"], Window(start, end), step).to_dicts()
+            expected = brute_lag(rows, "vm-0", start, end, step)
+            assert [r["ts_ms"] for r in lagged] == [r["ts_ms"] for r in expected]
+            for g, w in zip(lagged, expected, strict=True):
                 for column in ("lag_max_seconds", "lag_last_seconds", "rpo_target_seconds", "pending_bytes",
                                "service_group", "hci_cluster", "interval_ms", "observed_ms", "samples"):
                     assert same(g[column], w[column]), (column, g, w)

@@ -183,3 +183,12 @@ def test_time_ranges_far_from_the_data_are_cheap(tmp_path: Path) -> None:
     assert queries.lag(store, ["vm-0"], Window(0, 253_402_300_799_999)).height == 2
     assert queries.compliance(store, Window(0, 253_402_300_799_999), "vm").height == 3
     assert time.perf_counter() - started < 5
+
+
+def test_a_day_too_big_to_sort_is_streamed_unsorted_with_the_same_answers(tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path)
+    write_minutes(store, T0, 30)
+    before = answers(store, T0, T0 + DAY_MS)
+    maintenance.run(store, T0 + 2 * DAY_MS, maintenance.Policy(seal_after_ms=0, max_sort_rows=10))
+    assert len(store.files(VM, "2025-11-08")) == 1 and store.sealed_rollup("2025-11-08") is not None
+    assert answers(store, T0, T0 + DAY_MS) == before

@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from collections import defaultdict
+from unittest import mock
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from exporters.history import queries
 from exporters.history.queries import Window
 from exporters.history.store import HistoryStore
 from exporters.history.tables import ALERTS, DAY_MS, LINK, NODE, VM, Table
-from exporters.history.writer import BackgroundWriter, HistoryWriter
+from exporters.history.writer import BackgroundWriter, HistoryWriter, _Accumulator
 from rules import lifecycle
 from rules.engine import TickResult
 from rules.views import Views, empty_views
@@ -82,10 +83,23 @@ ticks = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(ticks=ticks)
-def test_rows_are_the_brute_force_fold_of_the_ticks(tmp_path_factory: pytest.TempPathFactory, ticks: list[Any]) -> None:
-    store = HistoryStore(tmp_path_factory.mktemp("h"))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ticks=ticks, collide=st.booleans())
+def test_rows_are_the_brute_force_fold_of_the_ticks(
+    tmp_path_factory: pytest.TempPathFactory, ticks: list[Any], collide: bool
+) -> None:
+    real = _Accumulator.__init__
+
+    def colliding(acc: _Accumulator, *args: Any) -> None:
+        real(acc, *args)
+        acc.collided = collide  # as after two entities shared a hash: every tick joins on labels
+
+    with mock.patch.object(_Accumulator, "__init__", colliding):
+        fold_and_check(tmp_path_factory.mktemp("h"), ticks)
+
+
+def fold_and_check(root: Path, ticks: list[Any]) -> None:
+    store = HistoryStore(root)
     writer = HistoryWriter(store, interval_ms=INTERVAL)
     expected: dict[tuple[str, int], dict[str, Any]] = {}
     now = T0
@@ -110,6 +124,18 @@ def test_rows_are_the_brute_force_fold_of_the_ticks(tmp_path_factory: pytest.Tem
         for column, value in want.items():
             assert got[key][column] == value, (key, column)
         assert got[key]["interval_ms"] == INTERVAL
+
+
+def test_two_entities_on_one_hash_switch_the_table_to_joining_on_labels(tmp_path: Path) -> None:
+    writer = HistoryWriter(HistoryStore(tmp_path), interval_ms=INTERVAL)
+    with mock.patch.object(_Accumulator, "_hash", lambda acc, sample: pl.Series("__hash", [7] * sample.height, pl.UInt64)):
+        writer.absorb(views_at(T0, vm_frame(["vm-a", "vm-b"], [1.0, 5.0])))
+        writer.absorb(views_at(T0 + 1000, vm_frame(["vm-b", "vm-a"], [2.0, 3.0])))
+    assert writer._acc[0].collided
+    writer.flush(partial=True)
+    rows = {r["vm"]: r for r in read_all(writer.store, VM).to_dicts()}
+    assert (rows["vm-a"]["lag_max_seconds"], rows["vm-a"]["lag_last_seconds"]) == (3.0, 3.0)
+    assert (rows["vm-b"]["lag_max_seconds"], rows["vm-b"]["lag_last_seconds"]) == (5.0, 2.0)
 
 
 def test_links_and_nodes_are_written_with_their_own_aggregates(tmp_path: Path) -> None:
