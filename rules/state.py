@@ -141,7 +141,8 @@ CLUSTER_SCHEMA = pl.Schema(
 TIERS = ("daily", "weekly", "monthly", "yearly")
 MAX_FAILURES_KEPT = 20
 
-SEEN_SCHEMA = pl.Schema({"event_id": pl.String(), "seen_ms": MS()})
+# Event ids applied recently, with their instance so that a hand-over can forget them.
+SEEN_SCHEMA = pl.Schema({"event_id": pl.String(), "cluster_id": pl.String(), "seen_ms": MS()})
 
 
 def _empty(schema: pl.Schema) -> pl.DataFrame:
@@ -196,7 +197,7 @@ def drop_seen(
     remembered = pl.concat(
         [
             seen.filter(pl.col("seen_ms") > now_ms - window_ms),
-            fresh.select("event_id", pl.lit(now_ms, dtype=MS).alias("seen_ms")),
+            fresh.select("event_id", "cluster_id", pl.lit(now_ms, dtype=MS).alias("seen_ms")),
         ]
     )
     return replace(state, seen={**state.seen, stream: remembered}), fresh
@@ -215,6 +216,8 @@ def drop_clusters(fleet: FleetState, cluster_ids: list[str]) -> FleetState:
         backup=fleet.backup.filter(keep),
         nodes=fleet.nodes.filter(keep),
         clusters=fleet.clusters.filter(keep),
+        # The ids too: if the instance comes back, its replayed events must apply again.
+        seen={stream: seen.filter(keep) for stream, seen in fleet.seen.items()},
     )
 
 

@@ -298,3 +298,13 @@ def test_dropped_clusters_vanish_and_held_clusters_keep_their_alerts_frozen() ->
     result = engine.tick(T0 + 14 * S)
     assert result.views.node.get_column("hci_cluster").to_list() == ["c1"]
     assert result.firing().is_empty() and result.transitions.is_empty()  # dropped, not resolved
+
+
+def test_an_instance_dropped_and_given_back_is_rebuilt_from_replayed_events() -> None:
+    engine = Engine(default_pack())
+    assert feed(engine, Stream.REPLICATION, [rep("a", T0, T0)], T0) == 1
+    engine.drop_clusters(["c1"])
+    assert engine.fleet.replication.is_empty()
+    # The same records replayed after the partition comes back apply again.
+    assert feed(engine, Stream.REPLICATION, [rep("a", T0, T0)], T0 + S) == 1
+    assert engine.fleet.replication.get_column("vm_id").to_list() == ["vm1"]
