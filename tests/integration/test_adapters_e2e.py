@@ -29,19 +29,10 @@ from rpowatch.service import Service
 from rpowatch.wiring import build_dead_letter_sink, build_sources
 from tests.fixtures.adapters.payloads import asr_stats, backup_item, backup_job, event_hub, hyperv_record, ps51
 from tests.harness import KafkaBroker, Mosquitto
+from tests.harness.wait import until
 
 pytestmark = pytest.mark.integration
 
-
-async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"{what}: not true after {timeout}s (last: {last!r})")
 
 
 def firing(service: Service, alertname: str) -> set[str]:

@@ -22,6 +22,7 @@ from rpowatch.loading import load_rule_packs
 from rpowatch.service import Service
 from rpowatch.wiring import build_dead_letter_sink, build_sources
 from tests.harness import Alertmanager, KafkaBroker, Mosquitto, Prometheus
+from tests.harness.wait import until as _until
 
 pytestmark = pytest.mark.integration
 
@@ -47,16 +48,9 @@ def heartbeat(node: str, cluster: str) -> bytes:
                        "state": "up", "memory_bytes": 2**38, "memory_used_bytes": 2**37}).encode()
 
 
+
 async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll a blocking check in a thread until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await asyncio.to_thread(check)
-        if last:
-            return last
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"{what}: not true after {timeout}s (last: {last!r})")
+    return await _until(check, timeout, what, in_thread=True, interval=0.25)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from rpowatch.service import Service
 from rpowatch.wiring import build_dead_letter_sink, build_sources
 from rules.engine import TickResult
 from tests.harness import KafkaBroker
+from tests.harness.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -98,16 +99,6 @@ class Recorder:
             if not ready:
                 self.not_ready.append(why)
 
-
-async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not true after {timeout}s (last: {last!r})")
 
 
 def kafka_source(service: Service) -> KafkaSource:

@@ -22,6 +22,7 @@ from rpowatch.wiring import build_dead_letter_sink, build_sources
 from rules.engine import TickResult
 from tests.harness import KafkaBroker
 from tests.harness.timing import record_timing
+from tests.harness.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +35,6 @@ def record(i: int, cluster: str) -> bytes:
         "recovery_point_ts": now_ms - 1000,
     }).encode()
 
-
-async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not true after {timeout}s")
 
 
 @pytest.fixture

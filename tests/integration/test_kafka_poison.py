@@ -20,6 +20,7 @@ from rpowatch.loading import load_rule_packs
 from rpowatch.service import Service
 from rpowatch.wiring import build_dead_letter_sink, build_sources
 from tests.harness import KafkaBroker
+from tests.harness.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -63,14 +64,6 @@ POISON: list[tuple[bytes | None, str]] = [
     (encode(replication(event_id="e" * 200)), "invalid_value"),
 ]
 
-
-async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not true after {timeout}s")
 
 
 @pytest.fixture
