@@ -31,6 +31,7 @@ import yaml
 
 from bench._common import machine_line, ms, rss_bytes, summary, timed, uniform
 from ingest.contracts import SCHEMAS, Stream
+from rpowatch import simulator
 from rules import lifecycle, state, views
 from rules.engine import Engine
 from rules.pack import compile_pack
@@ -54,20 +55,7 @@ AZURE_REGIONS = (
     "canadacentral",
     "northeurope",
 )
-SERVICES = (
-    "sql-prod",
-    "web-frontend",
-    "erp",
-    "crm",
-    "file-services",
-    "ad-ds",
-    "exchange",
-    "sap-app",
-    "vdi",
-    "monitoring",
-    "k8s-workers",
-    "print",
-)
+SERVICES = simulator.SERVICES  # the same application names as the demo's fleet
 STORAGE_PATHS_PER_CLUSTER = 3
 NODE_MEMORY_BYTES = 512 * GIB
 NODE_IOPS_CAPACITY = 200_000.0
