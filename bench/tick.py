@@ -325,6 +325,7 @@ def seen_table(events: int, now_ms: int, window_ms: int) -> pl.DataFrame:
     return pl.select(
         pl.concat_str(pl.lit("rep-vm-ams"), _pad(i // 100 % 100_000, 5), pl.lit("-"), _pad(i % 100, 4), pl.lit("-"),
                       (now_ms - window_ms + i * window_ms // events).cast(pl.String)).alias("event_id"),
+        pl.concat_str(pl.lit("hci-ams-"), _pad(i // 100 % 1000, 3)).alias("cluster_id"),
         (now_ms - window_ms + i * window_ms // events + 1).alias("seen_ms"),
     )
 
