@@ -87,6 +87,27 @@ def _read_text_columns(stream: Stream, lines: bytes) -> pl.DataFrame:
     return frame.rename({name: _RAW + name for name in frame.columns})
 
 
+def _text_fields(stream: Stream) -> list[str]:
+    return [spec.name for spec in FIELDS[stream] if spec.kind in ("id", "str")]
+
+
+# What `read_ndjson` makes of a JSON number or boolean read into a text column.
+_SCALAR_TEXT = r"^(?:-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false)$"
+
+
+def _non_string_text_fields(frame: pl.DataFrame, names: list[str], buf: bytes) -> bool:
+    """Whether a text field was given a JSON number or boolean (`"vm_id": 42`), which
+    `read_ndjson` silently turns into text. Only fields with a value that reads like one are
+    searched for in the raw bytes (ids are rarely bare numbers); a match inside a string value
+    only sends the batch to the slow path, which checks each record's types exactly."""
+    looks = frame.select(pl.col(_RAW + n).str.contains(_SCALAR_TEXT).any().alias(n) for n in names).row(0, named=True)
+    suspects = [n for n in names if looks[n]]
+    if not suspects:
+        return False
+    pattern = rf'"(?:{"|".join(suspects)})"\s*:\s*[-0-9tf]'
+    return bool(pl.Series([buf]).cast(pl.String).str.contains(pattern).any())
+
+
 def _fast_read(stream: Stream, payloads: Sequence[bytes], limits: DecodeLimits) -> pl.DataFrame | None:
     """All payloads as text columns in one read, or None when the batch needs the slow path."""
     # read_ndjson would take a JSON array or scalar line as an all-null row, so anything that
@@ -101,6 +122,8 @@ def _fast_read(stream: Stream, payloads: Sequence[bytes], limits: DecodeLimits) 
         if not buf.isascii():  # ASCII is UTF-8; only other text needs the (copying) check
             buf.decode("utf-8")
         frame = _read_text_columns(stream, buf)
+        if _non_string_text_fields(frame, _text_fields(stream), buf):
+            return None  # the slow path names the field
     except (UnicodeDecodeError, pl.exceptions.PolarsError):
         return None
     if frame.height != len(payloads):
@@ -131,6 +154,10 @@ def _slow_read(
             continue
         if not isinstance(value, dict):
             rejects.append((index, NOT_OBJECT, f"{NOT_OBJECT}: a JSON {type(value).__name__}"))
+            continue
+        not_text = [name for name in _text_fields(stream) if value.get(name) is not None and not isinstance(value[name], str)]
+        if not_text:
+            rejects.append((index, WRONG_TYPE, f"{WRONG_TYPE}: {not_text[0]} must be a string"))
             continue
         indices.append(index)
         lines.append(json.dumps(value, separators=(",", ":")).encode())

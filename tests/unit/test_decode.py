@@ -155,3 +155,16 @@ def test_bulk_decoder_agrees_with_pydantic(data: st.DataObject, stream: Stream) 
     future = decoded.rejects.filter(pl.col("reason") == "future_timestamp").height > 0
     if not future:
         assert (decoded.valid.height == 1) == pydantic_ok, (record, decoded.rejects.to_dicts())
+
+
+def test_a_number_or_boolean_where_text_is_due_is_rejected_not_converted() -> None:
+    # read_ndjson would read 42 into a text column as "42"; the contract says text.
+    good = {"event_id": "h1", "ts": NOW, "cluster_id": "c1", "node_id": "n1", "state": "up"}
+    records = [good, {**good, "event_id": "h2", "node_id": 42}, {**good, "event_id": "h3", "cluster_id": True},
+               {**good, "event_id": "007"}]  # a text id that reads like a number is fine
+    decoded = decode_batch(Stream.HEARTBEAT, [json.dumps(r).encode() for r in records], NOW)
+    assert decoded.valid.get_column("event_id").to_list() == ["h1", "007"]
+    assert decoded.rejects.select("index", "detail").rows() == [
+        (1, "wrong_type: node_id must be a string"),
+        (2, "wrong_type: cluster_id must be a string"),
+    ]
