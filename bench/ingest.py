@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import polars as pl
 from aiokafka import AIOKafkaConsumer
 
 from bench._common import machine_line
@@ -44,7 +45,9 @@ from ingest.decode import decode_batch
 from ingest.kafka import KafkaSettings, KafkaSource, start_producer
 from rpowatch.config import Settings
 from rpowatch.loading import load_rule_packs
+from rpowatch import service as service_module
 from rpowatch.service import Service
+from rules import state
 from tests.harness import KafkaBroker
 
 SITES = ("sea", "ams", "fra", "lon", "syd", "sin", "tor", "dub")
@@ -143,16 +146,27 @@ def cpu_seconds() -> float:
 class Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def time_sync(self, name: str, step: Callable[[], T]) -> T:
+        t0 = time.perf_counter()
+        try:
+            return step()
+        finally:
+            self.add(name, time.perf_counter() - t0)
 
     async def time(self, name: str, step: Callable[[], Awaitable[T]]) -> T:
         t0 = time.perf_counter()
         try:
             return await step()
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.add(name, time.perf_counter() - t0)
 
 
-async def rpowatch_round(bootstrap: str, topic: str, total: int, group: str) -> tuple[float, dict[str, float], int]:
+async def rpowatch_round(bootstrap: str, topic: str, total: int, group: str) -> tuple[float, Timer, int]:
     settings = Settings(http={"port": 0})
     service = Service(settings, load_rule_packs(settings), [], MemoryDeadLetterSink())
     source = KafkaSource(KafkaSettings(
@@ -162,22 +176,34 @@ async def rpowatch_round(bootstrap: str, topic: str, total: int, group: str) -> 
     service._partitioned = {source.name: source}  # what Service.start wires for its own sources
     source.attach(service)
     timer = Timer()
-    # Where handle's time goes: apply and the partition bookkeeping timed by wrappers; the rest
-    # of handle is decoding (and counters).
+    # Where handle's time goes: decoding, apply and the partition bookkeeping timed by wrappers;
+    # the rest of handle is hand-offs to the executor thread and counters.
     apply, before_apply = service.engine.apply, source.before_apply
+    # Engine.apply's two steps, timed by wrapping the module functions it calls (restored below).
+    drop_seen, apply_replication = state.drop_seen, state.apply_replication
+    vm_ids: list[pl.Series] = []  # of each applied batch, looked at once the clock has stopped
 
     def timed_apply(*args: Any) -> int:
-        t0 = time.perf_counter()
-        try:
-            return apply(*args)
-        finally:
-            timer.seconds["  of which Engine.apply"] = timer.seconds.get("  of which Engine.apply", 0.0) + time.perf_counter() - t0
+        vm_ids.append(args[1].get_column("vm_id"))
+        return timer.time_sync("  of which Engine.apply", lambda: apply(*args))
+
+    def timed_drop_seen(*args: Any, **kwargs: Any) -> Any:
+        return timer.time_sync("    of which state.drop_seen", lambda: drop_seen(*args, **kwargs))
+
+    def timed_apply_replication(*args: Any, **kwargs: Any) -> pl.DataFrame:
+        return timer.time_sync("    of which state.apply_replication", lambda: apply_replication(*args, **kwargs))
+
+    def timed_decode(*args: Any, **kwargs: Any) -> Any:
+        return timer.time_sync("  of which decode_batch", lambda: decode_batch(*args, **kwargs))
 
     async def timed_before_apply(*args: Any) -> None:
         await timer.time("  of which partition bookkeeping", lambda: before_apply(*args))
 
     service.engine.apply = timed_apply  # type: ignore[method-assign]
     source.before_apply = timed_before_apply  # type: ignore[method-assign]
+    setattr(state, "drop_seen", timed_drop_seen)  # setattr: the wrappers take Any
+    setattr(state, "apply_replication", timed_apply_replication)
+    setattr(service_module, "decode_batch", timed_decode)  # the name Service.handle calls
     seen = 0
     started: float | None = None
     batches = aiter(source.batches())
@@ -195,11 +221,18 @@ async def rpowatch_round(bootstrap: str, topic: str, total: int, group: str) -> 
             seen += len(batch)
         assert started is not None
         elapsed = time.perf_counter() - started
-        timer.seconds["batches"] = batch_count
+        timer.counts["batches"] = batch_count
+        events = sum(ids.len() for ids in vm_ids)
+        timer.counts["events per batch"] = events // max(1, len(vm_ids))
+        # Events whose VM has another event in the same batch: those take the grouped reduction.
+        repeated = sum(int(ids.is_duplicated().sum()) for ids in vm_ids)
+        timer.counts["% of events for a VM repeated in its batch"] = round(100 * repeated / max(1, events))
     finally:
+        state.drop_seen, state.apply_replication = drop_seen, apply_replication
+        setattr(service_module, "decode_batch", decode_batch)
         await source.close()
         service._executor.shutdown(wait=True)
-    return elapsed, timer.seconds, service.engine.fleet.replication.height
+    return elapsed, timer, service.engine.fleet.replication.height
 
 
 async def pipelined_round(bootstrap: str, topic: str, total: int, group: str) -> float:
@@ -278,7 +311,8 @@ async def run(args: argparse.Namespace) -> None:
             print(f"round {n + 1}: raw {args.records / raw[-1]:,.0f} records/s ({raw[-1]:.2f} s, CPU {cpu1 - cpu0:.1f} s), "
                   f"rpowatch {args.records / elapsed:,.0f} records/s ({elapsed:.2f} s, CPU {cpu2 - cpu1:.1f} s), "
                   f"ratio {raw[-1] / elapsed:.2f}; {vms:,} VMs in state; "
-                  + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
+                  + ", ".join([*(f"{k} {v:.2f} s" for k, v in parts.seconds.items()),
+                               *(f"{k} {v:,}" for k, v in parts.counts.items())]))
             if args.what_if:
                 piped.append(await pipelined_round(broker.bootstrap, topic, args.records, f"bench-p{n}-{time.time_ns()}"))
                 print(f"  what-if, decode overlapped with apply: {args.records / piped[-1]:,.0f} records/s "

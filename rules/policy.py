@@ -1,7 +1,8 @@
 """Recovery policies (contracts.md §2): which RPO and test cadence applies to which VM.
 
-Policies are matched in order, first match wins, and resolved for a whole frame of VMs with one
-`when/then` chain, so a batch of a million VMs costs one expression, not a loop.
+Policies are matched in order, first match wins, and resolved for a whole frame of VMs with
+`when/then` chains, so a frame of any size costs a few expressions, not a loop. The state tables
+resolve them only for the VMs a batch touches (a VM's policy depends on that VM's row alone).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def glob_regex(pattern: str) -> str:
     return "^" + "".join(parts) + "$"
 
 
+def _pattern(column: str, pattern: str) -> pl.Expr:
+    value = pl.col(column).cast(pl.String)
+    if "*" not in pattern and "?" not in pattern:
+        # No wildcard: the anchored regex would only test equality, which needs no regex.
+        return (value == pattern).fill_null(False)
+    return value.str.contains(glob_regex(pattern)).fill_null(False)
+
+
 def _matches(match: PolicyMatch, available: set[str]) -> pl.Expr:
     cond = pl.lit(True)
     for key, column in _MATCH_COLUMNS.items():
@@ -70,9 +79,29 @@ def _matches(match: PolicyMatch, available: set[str]) -> pl.Expr:
         if column not in available:
             cond = cond & pl.lit(False)
             continue
-        regex = glob_regex(pattern)
-        cond = cond & pl.col(column).cast(pl.String).str.contains(regex).fill_null(False)
+        cond = cond & _pattern(column, pattern)
     return cond
+
+
+def first_match(policies: tuple[Policy, ...], columns: set[str]) -> pl.Expr:
+    """For each row, the index of the first policy that matches it (null: none does). Computed
+    once, as a column, and then given to `resolve_matched` for every attribute: the patterns
+    are tested once per row, not once per attribute."""
+    expr: pl.Expr = pl.lit(None, dtype=pl.UInt32)
+    for index in reversed(range(len(policies))):
+        expr = pl.when(_matches(policies[index].match, columns)).then(pl.lit(index, dtype=pl.UInt32)).otherwise(expr)
+    return expr
+
+
+def resolve_matched(policies: tuple[Policy, ...], matched: pl.Expr, attribute: str, fallback: pl.Expr) -> pl.Expr:
+    """The policy value `attribute` of the policy `matched` (a `first_match` index); `fallback`
+    where no policy matches or the matching policy leaves it unset (None)."""
+    expr: pl.Expr = fallback
+    for index in reversed(range(len(policies))):
+        value = getattr(policies[index], attribute)
+        if value is not None:
+            expr = pl.when(matched == index).then(pl.lit(float(value))).otherwise(expr)
+    return expr
 
 
 def resolve(
@@ -80,10 +109,4 @@ def resolve(
 ) -> pl.Expr:
     """The policy value `attribute` for each row, first match wins; `fallback` where no policy
     matches or the matching policy leaves it unset (None)."""
-    expr: pl.Expr = fallback
-    # Built back to front so that the first policy is the outermost `when`.
-    for policy in reversed(policies):
-        value = getattr(policy, attribute)
-        then = fallback if value is None else pl.lit(float(value))
-        expr = pl.when(_matches(policy.match, columns)).then(then).otherwise(expr)
-    return expr
+    return resolve_matched(policies, first_match(policies, columns), attribute, fallback)
