@@ -246,7 +246,7 @@ def fleet_views(vms: int, now_ms: int, seed: int, shuffled: bool = False) -> Vie
         names.alias("hci_cluster"), pl.format("n-{}", pl.col("c")).alias("node"), pl.lit(1, dtype=pl.Int8).alias("up")
     )
     base = empty_views()
-    return dataclasses.replace(base, now_ms=now_ms, vm_replication=replication, link=link, cluster=cluster, node=node)
+    return base.replace(now_ms=now_ms, vm_replication=replication, link=link, cluster=cluster, node=node)
 
 
 def bench_writer(root: Path, vms: int, repeats: int, live_s: float) -> dict[str, Any]:
@@ -276,7 +276,7 @@ def bench_writer(root: Path, vms: int, repeats: int, live_s: float) -> dict[str,
         nonlocal now, tick
         now += 1000
         tick += 1
-        writer.absorb(dataclasses.replace(views, now_ms=now))
+        writer.absorb(views.replace(now_ms=now))
 
     replication = variants[0].vm_replication
     fast, base, _ = interleaved(lambda: absorb(variants[tick % 3]), lambda: replication.filter(pl.col("lag_seconds") > 60), repeats)
@@ -322,7 +322,7 @@ def live_run(root: Path, variants: list[Views], seconds: float) -> dict[str, Any
     offered = 0
     offer_s: list[float] = []
     while time.monotonic() - started < seconds:
-        views = dataclasses.replace(variants[offered % 3], now_ms=T0 + offered * 1000)
+        views = variants[offered % 3].replace(now_ms=T0 + offered * 1000)
         result = TickResult(views, lifecycle.empty_alerts(), empty)
         offer_s.append(timed(lambda: background.offer(result))[0])
         offered += 1

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from functools import partial
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,9 @@ import yaml
 from bench._common import machine_line, ms, rss_bytes, summary, timed, uniform
 from ingest.contracts import SCHEMAS, Stream
 from rpowatch import simulator
-from rules import lifecycle, state, views
-from rules.engine import Engine
+from rules import state
+from rules.dedupe import SeenIds
+from rules.engine import Engine, EngineSettings
 from rules.pack import compile_pack
 
 PACK_PATH = Path(__file__).resolve().parent.parent / "rules" / "packs" / "default.yaml"
@@ -175,6 +175,7 @@ def build_state(vms: int, vms_per_cluster: int, now_ms: int = NOW0_MS) -> state.
             pl.lit(0).alias("missed_prev"),
             pl.col("status_since_ms").alias("status_event_ms"),
             state.link_key().alias("link_key"),
+            state.vm_key().alias("vm_key"),
         )
         .select(state.REPLICATION_SCHEMA.names())
         .cast(state.REPLICATION_SCHEMA)
@@ -184,11 +185,12 @@ def build_state(vms: int, vms_per_cluster: int, now_ms: int = NOW0_MS) -> state.
     failing = uniform(i, 20) < BACKUP_FAILING
     backup = (
         replication.lazy()
-        .select("vm_id", "cluster_id", "first_seen_ms")
+        .select("vm_id", "vm_key", "cluster_id", "first_seen_ms")
         .with_row_index("i")
         .with_columns(pl.col("i").cast(pl.Int64))
         .select(
             "vm_id",
+            "vm_key",
             "cluster_id",
             "first_seen_ms",
             (now_ms - (uniform(i, 22) * 3_600_000).cast(pl.Int64)).alias("last_event_ms"),
@@ -319,8 +321,9 @@ def replication_batch(fleet: state.FleetState, size: int, now_ms: int, seed: int
     return out.sample(fraction=1.0, shuffle=True, seed=seed)  # arrival order, not table order
 
 
-def seen_table(events: int, now_ms: int, window_ms: int) -> pl.DataFrame:
-    """A dedupe table at steady state: `events` event ids remembered over the window."""
+def seen_ids(events: int, now_ms: int, window_ms: int) -> pl.DataFrame:
+    """`events` event ids applied over the window before `now_ms` (event_id, cluster_id,
+    seen_ms), evenly spread as at steady state."""
     i = pl.int_range(events, dtype=pl.Int64)
     return pl.select(
         pl.concat_str(pl.lit("rep-vm-ams"), _pad(i // 100 % 100_000, 5), pl.lit("-"), _pad(i % 100, 4), pl.lit("-"),
@@ -328,6 +331,11 @@ def seen_table(events: int, now_ms: int, window_ms: int) -> pl.DataFrame:
         pl.concat_str(pl.lit("hci-ams-"), _pad(i // 100 % 1000, 3)).alias("cluster_id"),
         (now_ms - window_ms + i * window_ms // events + 1).alias("seen_ms"),
     )
+
+
+def seen_table(events: int, now_ms: int, window_ms: int) -> SeenIds:
+    """A dedupe table at steady state: `events` event ids remembered over the window."""
+    return SeenIds.from_frame(seen_ids(events, now_ms, window_ms), window_ms)
 
 
 # --- measurements ---------------------------------------------------------------------------
@@ -380,144 +388,35 @@ def time_ticks(
 
 
 def profile_tick(engine: Engine, now_ms: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Where a tick's time goes. Each round times a real `engine.tick`, then the functions it
-    calls, one by one, on the same state: build_views and its parts, each rule's `_active`
-    (and its filter alone), lifecycle.advance. Then "what if" variants of the costly parts,
-    written here with plain polars on the same data (rules/ is not changed): they bound what a
-    change could save, they are not drop-in code."""
-    from rules.engine import LABEL_SEPARATOR
-    from rules.views import ENTITIES
-
-    params = engine._params
+    """Where a tick's time goes: the phases `Engine.tick` reports in `TickResult.phases`
+    (aggregates, conditions, labels, lifecycle, transitions), each next to the filter baseline
+    timed just before the tick, plus what a scrape or the history writer pays on top: building
+    the full per-VM views the tick did not need."""
     out: dict[str, list[float]] = {}
-
-    def add(name: str, fn: Callable[[], Any]) -> Any:
-        seconds, value = timed(fn)
-        out.setdefault(name, []).append(seconds)
-        return value
-
     for r in range(repeats):
         now = now_ms + r * TICK_STEP_MS
-        fleet = engine.fleet
-        alerts_before = engine.alerts
-        add("baseline: max(last_recovery_point_ms)", lambda: baseline(fleet))
-        add("engine.tick (whole)", lambda: engine.tick(now))
-        v = add("build_views", lambda: views.build_views(fleet, now, params))
-        rep = add("  replication_view", lambda: views.replication_view(fleet, now, params))
-        add("  backup_view", lambda: views.backup_view(fleet, now, params))
-        nodes = add("  node_view", lambda: views.node_view(fleet, now, params))
-        clusters = add("  cluster_view", lambda: views.cluster_view(nodes))
-        add("  link_view", lambda: views.link_view(rep, clusters, params))
-        actives = []
-        for rule in engine.pack.rules:
-            actives.append(add(f"_active {rule.name}", partial(engine._active, rule, v)))
-            count = v.of(rule.spec.entity).lazy().filter(rule.condition.fill_null(False)).select(pl.len())
-            add(f"  lazy filter only, no output columns: {rule.name}", count.collect)
-        active = add("concat of the rules' active rows", lambda: pl.concat(actives))
-        add(
-            "lifecycle.advance",
-            lambda: lifecycle.advance(alerts_before, active, now, engine._timing, 900_000),
-        )
-
-        # --- what if ---------------------------------------------------------------------
-        rv = v.vm_replication
-        add(
-            "what-if: health_state as Int8 code instead of strings",
-            lambda: rv.lazy().select(
-                pl.when((pl.col("lag_seconds") > pl.col("rpo_target_seconds")) | pl.col("status").is_in(["failed", "resync_required"]))
-                .then(2)
-                .when((pl.col("lag_seconds") > 0.8 * pl.col("rpo_target_seconds")) | pl.col("status").is_in(["paused", "initial_replication"]))
-                .then(1)
-                .otherwise(0)
-                .cast(pl.Int8)
-            ).collect(),
-        )
-        add(
-            "  the same with strings (as views.py does)",
-            lambda: rv.lazy().select(
-                pl.when((pl.col("lag_seconds") > pl.col("rpo_target_seconds")) | pl.col("status").is_in(["failed", "resync_required"]))
-                .then(pl.lit("critical"))
-                .when((pl.col("lag_seconds") > 0.8 * pl.col("rpo_target_seconds")) | pl.col("status").is_in(["paused", "initial_replication"]))
-                .then(pl.lit("warning"))
-                .otherwise(pl.lit("normal"))
-            ).collect(),
-        )
-        add(
-            "what-if: link vms_unhealthy from the unhealthy rows only",
-            lambda: rv.lazy().filter(pl.col("health_state") != "normal").group_by("hci_cluster", "target").agg(pl.len()).collect(),
-        )
-        lazy_rules = []
-        for rule in engine.pack.rules:
-            label_cols = ENTITIES[rule.spec.entity].labels
-            key = pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in label_cols], separator=LABEL_SEPARATOR)
-            q = v.of(rule.spec.entity).lazy().filter(rule.condition.fill_null(False))
-            lazy_rules.append(q.select(pl.lit(rule.spec.alert).alias("alertname"), key.alias("alert_key")))
-        add("what-if: all rules, identity only (alertname, alert_key), one by one", lambda: [q.collect() for q in lazy_rules])
-        add("what-if: all rules, identity only, pl.collect_all", lambda: pl.collect_all(lazy_rules))
-        ids = pl.concat(pl.collect_all(lazy_rules))
-        known = alerts_before.select("alertname", "alert_key")
-        add(
-            "what-if: anti-join active vs known alerts (who needs labels rendered)",
-            lambda: ids.join(known, on=["alertname", "alert_key"], how="anti"),
-        )
-        hashed_alerts = alerts_before.with_columns(pl.col("alert_key").hash().alias("key_hash"))
-        hashed_active = active.with_columns(pl.col("alert_key").hash().alias("key_hash"))
-        add(
-            "what-if: advance's full join on (alertname, u64 hash of alert_key)",
-            lambda: hashed_alerts.join(hashed_active, on=["alertname", "key_hash"], how="full", coalesce=True, suffix="_now"),
-        )
-        add(
-            "  advance's full join as it is (on the alert_key string)",
-            lambda: alerts_before.join(active, on=["alertname", "alert_key"], how="full", coalesce=True, suffix="_now"),
-        )
+        out.setdefault("baseline: filter", []).append(baseline_filter(engine.fleet, now))
+        result = engine.tick(now)
+        out.setdefault("engine.tick (whole)", []).append(result.duration_s)
+        for phase, seconds in result.phases.items():
+            out.setdefault(f"  phase: {phase}", []).append(seconds)
+        for entity in ("vm_replication", "vm_backup"):
+            seconds, _ = timed(lambda: result.views.of(entity))
+            out.setdefault(f"after the tick, on read: full {entity} view", []).append(seconds)
     return {name: summary(samples) for name, samples in out.items()}
-
-
-def profile_active_parts(engine: Engine, now_ms: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Per rule: the cost of each output column of `_active`, evaluated on the rows its
-    condition selects (alert_key concat_str, labels json_encode, annotations format +
-    json_encode)."""
-    from rules.engine import LABEL_SEPARATOR
-    from rules.views import ENTITIES
-
-    v = views.build_views(engine.fleet, now_ms, engine._params)
-    out: dict[str, list[float]] = {}
-    for rule in engine.pack.rules:
-        spec = rule.spec
-        label_cols = ENTITIES[spec.entity].labels
-        filtered = v.of(spec.entity).filter(rule.condition.fill_null(False))
-        static = {**dict(engine.settings.static_labels), **spec.labels}
-        labels = pl.struct(
-            pl.lit(spec.alert).alias("alertname"),
-            pl.lit(spec.severity).alias("severity"),
-            *[pl.lit(val).alias(key) for key, val in static.items()],
-            *[pl.col(col).cast(pl.String).fill_null("").alias(col) for col in label_cols],
-        )
-        parts = {
-            "alert_key concat_str": pl.concat_str(
-                [pl.col(col).cast(pl.String).fill_null("") for col in label_cols], separator=LABEL_SEPARATOR
-            ),
-            "labels struct.json_encode": labels.struct.json_encode(),
-            "annotations pl.format": pl.struct([expr.alias(key) for key, expr in rule.annotations.items()]),
-            "annotations pl.format + struct.json_encode": pl.struct(
-                [expr.alias(key) for key, expr in rule.annotations.items()]
-            ).struct.json_encode(),
-        }
-        for _ in range(repeats):
-            for part, expr in parts.items():
-                seconds, _ = timed(partial(filtered.select, expr))
-                out.setdefault(f"{rule.name} ({filtered.height:,} rows): {part}", []).append(seconds)
-    return {name: summary(samples) for name, samples in out.items()}
-
 
 def time_apply(
-    engine: Engine, batches: int, batch_size: int, now_ms: int, seen: pl.DataFrame | None
+    engine: Engine, batches: int, batch_size: int, now_ms: int, seen: SeenIds | None
 ) -> dict[str, Any]:
     """Engine.apply of decoded replication batches onto the current fleet. The fleet (and its
     dedupe table) is reset before each batch so that every batch meets the same tables. After
     each apply, its two steps are timed alone on the same input: state.drop_seen and
     state.apply_replication."""
     fleet0 = engine.fleet
+    # The engine's tables have one chunk per column (state._write_back compacts them when VMs
+    # are added); build_state's come out of a lazy query in several. Every batch below starts
+    # again from fleet0, so it is compacted here, once, as the engine's would already be.
+    fleet0 = replace(fleet0, replication=fleet0.replication.rechunk())
     if seen is not None:
         fleet0 = replace(fleet0, seen={Stream.REPLICATION.value: seen})
     window_ms = int(engine.settings.dedupe_window_s * 1000)
@@ -559,10 +458,87 @@ def time_apply(
     }
 
 
+def _legacy_drop_seen(
+    seen: pl.DataFrame, events: pl.DataFrame, now_ms: int, window_ms: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """drop_seen as it was before rules/dedupe.py: one frame of string ids, anti-joined and
+    filtered whole every batch. Kept here only as the reference `--seen` compares against."""
+    fresh = events.unique(subset="event_id", keep="first", maintain_order=True).join(seen, on="event_id", how="anti")
+    remembered = pl.concat(
+        [
+            seen.filter(pl.col("seen_ms") > now_ms - window_ms),
+            fresh.select("event_id", "cluster_id", pl.lit(now_ms, dtype=pl.Int64).alias("seen_ms")),
+        ]
+    )
+    return remembered, fresh
+
+
+def _seen_batch(remembered: pl.DataFrame, size: int, now_ms: int, seed: int) -> pl.DataFrame:
+    """`size` events with new ids, except 1 % replays of remembered ids, in random order."""
+    replays = remembered.select("event_id", "cluster_id").sample(n=size // 100, seed=seed)
+    new = seen_ids(size - replays.height, now_ms + 1, 1).select("event_id", "cluster_id").with_columns(
+        pl.col("event_id").str.replace("rep-vm-ams", f"rep-vm-sea{seed}-")
+    )
+    return pl.concat([new, replays]).sample(fraction=1.0, shuffle=True, seed=seed)
+
+
+def time_seen(ids: int, batch_size: int, batches: int, now_ms: int, window_ms: int) -> dict[str, Any]:
+    """state.drop_seen against a steady-state dedupe table of `ids` ids, and the string
+    anti-join it replaced on the same ids and batches, interleaved. Each batch is applied to
+    the table the previous one left (time advancing at the rate that keeps it at `ids`), so
+    buckets expire and tails are sorted into runs as often as in production."""
+    frame = seen_ids(ids, now_ms, window_ms)
+    legacy = frame
+    fleet = state.FleetState(seen={Stream.REPLICATION.value: SeenIds.from_frame(frame, window_ms)})
+    step_ms = max(1, batch_size * window_ms // ids)
+    new_s: list[float] = []
+    old_s: list[float] = []
+    recent = frame.filter(pl.col("seen_ms") > now_ms - window_ms // 2)  # replays still inside the window
+    for n in range(batches + 1):
+        at = now_ms + (n + 1) * step_ms
+        batch = _seen_batch(recent, batch_size, at, seed=300 + n)
+        d, (fleet, fresh) = timed(lambda: state.drop_seen(fleet, Stream.REPLICATION.value, batch, at, window_ms))
+        o, (legacy, fresh_old) = timed(lambda: _legacy_drop_seen(legacy, batch, at, window_ms))
+        if fresh.height != fresh_old.height or fresh.height != batch_size - batch_size // 100:
+            raise AssertionError(f"fresh events: {fresh.height} (new), {fresh_old.height} (legacy)")
+        if n >= 1:  # the first is a warm-up
+            new_s.append(d)
+            old_s.append(o)
+    new, old = summary(new_s), summary(old_s)
+    table = fleet.seen[Stream.REPLICATION.value]
+    return {
+        "ids": ids,
+        "batch": batch_size,
+        "drop_seen": new,
+        "legacy": old,
+        "ratio": new["median_ms"] / old["median_ms"],
+        "bytes_per_id": table.estimated_size() / len(table),
+        "legacy_bytes_per_id": legacy.estimated_size() / legacy.height,
+    }
+
+
+def print_seen(r: dict[str, Any]) -> None:
+    new, old = r["drop_seen"], r["legacy"]
+    print(
+        f"drop_seen of {r['batch']:,}-event batches (1 % replays) against {r['ids']:,} remembered ids, "
+        f"{new['n']} batches: median {new['median_ms']:.1f} ms, p90 {new['p90_ms']:.1f} ms, max {new['max_ms']:.1f} ms, "
+        f"{r['bytes_per_id']:.1f} B/id; string anti-join it replaced, same run: median {old['median_ms']:.1f} ms, "
+        f"p90 {old['p90_ms']:.1f} ms, {r['legacy_bytes_per_id']:.1f} B/id; ratio new / old {r['ratio']:.3f}"
+    )
+
+
 def profile_apply(engine: Engine, batch_size: int, now_ms: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Where Engine.apply's time goes on a large table, and what touching only the batch's
-    rows would cost instead (plain polars on the same data, not drop-in code)."""
-    table = engine.fleet.replication
+    """Where state.apply_replication's time goes on a large table: its steps one by one on the
+    same data, and, as a same-run baseline, the full-join implementation it replaced (the
+    reference copy in tests/unit/test_apply.py). The what-ifs are plain polars on the same
+    data, not drop-in code."""
+    from tests.unit.test_apply import old_apply_replication  # the reference, not shipped code
+
+    chunked = engine.fleet.replication
+    table = chunked.rechunk()  # as the engine keeps it (see time_apply)
+    legacy_table = table.drop("vm_key")
+    policies = engine.settings.policies
+    window = state.WindowCounters(int(engine.settings.monitoring_window_s * 1000))
     out: dict[str, list[float]] = {}
 
     def add(name: str, fn: Callable[[], Any]) -> Any:
@@ -570,39 +546,41 @@ def profile_apply(engine: Engine, batch_size: int, now_ms: int, repeats: int) ->
         out.setdefault(name, []).append(seconds)
         return value
 
+    # _write_back's input is built inside apply_replication: catch it there to time it alone.
+    caught: list[tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]] = []
+    write_back = state._write_back
+
+    def catch(table: pl.DataFrame, touched: pl.DataFrame, merged: pl.DataFrame) -> pl.DataFrame:
+        caught.append((table, touched, merged))
+        return write_back(table, touched, merged)
+
+    sorted_keys = table.get_column("vm_key").sort()
     for n in range(repeats):
         batch = replication_batch(engine.fleet, batch_size, now_ms + n * TICK_STEP_MS, seed=500 + n)
-        reduced = batch.group_by("vm_id").agg(
-            pl.col("ts").max().dt.epoch("ms").alias("last_event_ms"),
-            pl.col("cluster_id").last(),
-            pl.col("storage_path_id").last(),
-        )
-        add("state.apply_replication (whole)", lambda: state.apply_replication(table, batch))
-        joined = add(
-            "  full join table x reduced batch on vm_id (as apply_replication does)",
-            lambda: table.join(reduced, on="vm_id", how="full", coalesce=True, suffix="_new"),
-        )
-        newer = (pl.col("cluster_id_new").is_not_null()) & (pl.col("last_event_ms_new") >= pl.col("last_event_ms"))
+        add("state.apply_replication (whole)", lambda: state.apply_replication(table, batch, policies, window))
+        touched = add("  _touched: vm_key.is_in over the table, gather the batch's rows", lambda: state._touched(table, batch))
+        reduced = add("  _reduce_replication: one row per VM", lambda: state._reduce_replication(batch, touched, window))
         add(
-            "  one String `_newer` when/then over every row (apply does 6)",
-            lambda: joined.select(pl.when(newer).then(pl.col("cluster_id_new")).otherwise(pl.col("cluster_id"))),
+            "  full join of the touched rows and the reduced batch",
+            lambda: touched.join(reduced, on="vm_id", how="full", coalesce=True, suffix="_new"),
+        )
+        state._write_back = catch
+        try:
+            state.apply_replication(table, batch, policies, window)
+        finally:
+            state._write_back = write_back
+        args = caught.pop()
+        add("  _write_back: scatter the changed columns (and compact)", lambda: write_back(*args))
+        add(
+            "reference: the full-join implementation it replaced",
+            lambda: old_apply_replication(legacy_table, batch, policies, window),
         )
         add(
-            "  one Int64 `_newer` when/then over every row",
-            lambda: joined.select(pl.when(newer).then(pl.col("last_event_ms_new")).otherwise(pl.col("last_event_ms"))),
+            "what-if: apply onto the table as build_state leaves it (10 chunks)",
+            lambda: state.apply_replication(chunked, batch, policies, window),
         )
-        add(
-            "what-if: left join instead of full (new VMs appended separately)",
-            lambda: table.join(reduced, on="vm_id", how="left", suffix="_new"),
-        )
-        ids = reduced.get_column("vm_id").implode()
-
-        def touched_only() -> pl.DataFrame:
-            hit = table.select(pl.col("vm_id").is_in(ids)).to_series()
-            merged = table.filter(hit).join(reduced, on="vm_id", how="left", suffix="_new")
-            return pl.concat([table.filter(~hit), merged.select(table.columns)])
-
-        add("what-if: merge only the touched rows (is_in, 2 filters, 10k join, concat)", touched_only)
+        keys = batch.select(state.vm_key()).to_series()
+        add("what-if: find the batch's rows by search_sorted in a sorted key index", lambda: sorted_keys.search_sorted(keys))
     return {name: summary(samples) for name, samples in out.items()}
 
 
@@ -655,7 +633,6 @@ def run_size(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         log(f"[{vms:,} VMs] profiling")
         result["profile"] = profile_tick(engine, now, args.profile_repeats)
-        result["profile_active"] = profile_active_parts(engine, now, args.profile_repeats)
     if args.apply:
         log(f"[{vms:,} VMs] timing apply of {args.batch:,}-event batches")
         result["apply"] = time_apply(engine, args.apply_repeats, args.batch, now, None)
@@ -737,7 +714,7 @@ def print_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                     a,
                 )
             )
-        for key in ("profile", "profile_active", "profile_apply"):
+        for key in ("profile", "profile_apply"):
             if key in r:
                 print(f"  {key} at {r['vms']:,} VMs (median / p90 ms):")
                 for name, s in r[key].items():
@@ -764,6 +741,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip apply with a steady-state dedupe table")
     parser.add_argument("--profile", action="store_true", help="break the tick down at the largest size")
     parser.add_argument("--profile-repeats", type=int, default=5)
+    parser.add_argument("--seen", action="store_true",
+                        help="only time drop_seen at the steady-state dedupe table of the largest size, "
+                        "against the string anti-join it replaced")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--apply", action="store_true", help=argparse.SUPPRESS)
@@ -772,6 +752,17 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker is not None:
         print(json.dumps(run_size(args)))
+        return
+    if args.seen:
+        window_ms = int(EngineSettings().dedupe_window_s * 1000)
+        # The fleet's event rate at its replication mix, as in run_size.
+        ids = int(max(args.sizes) * (0.4 / 30 + 0.4 / 300 + 0.2 / 900) * window_ms / 1000)
+        log(f"timing drop_seen against {ids:,} remembered ids")
+        result = time_seen(ids, args.batch, args.apply_repeats, NOW0_MS, window_ms)
+        print(f"# bench.tick --seen  {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}  {machine_line()}")
+        print_seen(result)
+        if args.json:
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "seen": result}, indent=2))
         return
 
     rows = []

@@ -206,8 +206,9 @@ class Evaluation(_Section):
     rolling_window: Duration = Field(default=300.0, gt=0)
     # A source silent this long raises IngestStalled and holds back its heartbeat-loss alerts.
     ingest_stall: Duration = Field(default=60.0, gt=0)
-    # Annotations of standing alerts are re-rendered this often (and whenever they fire).
-    annotation_refresh: Duration = Field(default=30.0, ge=0)
+    # Per-link and per-service-group sums (link saturation, replica VMs per target, storage-path
+    # concentration) follow ingest at most this late; 0 recomputes them after every change.
+    aggregate_refresh: Duration = Field(default=10.0, ge=0)
 
 
 class Alertmanager(_Section):

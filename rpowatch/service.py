@@ -55,7 +55,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
         monitoring_window_s=settings.evaluation.monitoring_window,
         rolling_window_s=settings.evaluation.rolling_window,
         ingest_stall_s=settings.evaluation.ingest_stall,
-        annotation_refresh_s=settings.evaluation.annotation_refresh,
+        aggregate_refresh_s=settings.evaluation.aggregate_refresh,
         policies=settings.effective_policies(),
         link_capacity_bytes_per_s=tuple((c.hci_cluster, c.target, c.bytes_per_s) for c in settings.link_capacities),
     )

@@ -17,11 +17,21 @@ import polars as pl
 
 from ingest.contracts import Stream
 from rules import lifecycle, state
-from rules.pack import CompiledRule, RulePack
+from rules.pack import RulePack
 from rules.policy import DEFAULT_POLICY, Policy
-from rules.views import ENTITIES, ViewParams, Views, build_views, empty_views
+from rules.describe import (
+    ANNOTATION_SCHEMA,
+    IDENTITY_SCHEMA,
+    LABEL_SEPARATOR,
+    Describer,
+    Details,
+    compact,
+    empty_store,
+    entity_hash,
+)
+from rules.views import ENTITIES, NEEDS_LINK, ROW, Aggregates, ViewParams, Views, build_views, empty_views, summarise
 
-LABEL_SEPARATOR = "\x1f"
+__all__ = ["LABEL_SEPARATOR", "Engine", "EngineSettings", "TickResult", "empty_result"]
 
 
 @dataclass(frozen=True)
@@ -37,9 +47,9 @@ class EngineSettings:
     policies: tuple[Policy, ...] = (DEFAULT_POLICY,)
     link_capacity_bytes_per_s: tuple[tuple[str, str, float], ...] = ()
     static_labels: tuple[tuple[str, str], ...] = (("service", "rpowatch"),)
-    # Annotations of a standing alert are re-rendered this often (and whenever it fires), not
-    # at every tick: at fleet scale there can be hundreds of thousands of standing alerts.
-    annotation_refresh_s: float = 30.0
+    # Per-link and per-service-group sums (views.Aggregates) are recomputed at most this often
+    # while ingest keeps changing the state; they feed conditions that move over minutes.
+    aggregate_refresh_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -47,8 +57,10 @@ class TickResult:
     views: Views
     alerts: pl.DataFrame  # lifecycle.ALERT_SCHEMA: pending, firing and recently resolved
     transitions: pl.DataFrame  # TRANSITION_SCHEMA plus labels and annotations: changes of this tick
-    details: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=lifecycle.DETAIL_SCHEMA))
+    details: Details | None = None  # renders labels and annotations on demand
     duration_s: float = 0.0
+    # Seconds per phase of the tick (aggregates, conditions, labels, lifecycle, transitions).
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def now_ms(self) -> int:
@@ -58,19 +70,23 @@ class TickResult:
         return self.alerts.filter(pl.col("state") == lifecycle.FIRING)
 
     def with_details(self, alerts: pl.DataFrame) -> pl.DataFrame:
-        """`alerts` (rows of `self.alerts`) with their `labels` and `annotations` JSON. Join
-        only the rows you need: at fleet scale there can be many standing alerts."""
-        return alerts.join(
-            self.details.select("alertname", "alert_key", "labels", "annotations"),
-            on=["alertname", "alert_key"],
-            how="left",
-        )
+        """`alerts` (rows of `self.alerts`) with their `labels` and `annotations` JSON.
+        Annotations are rendered now, for these rows, so ask only for the rows you need: at
+        fleet scale there can be hundreds of thousands of standing alerts."""
+        if self.details is None:
+            return alerts.with_columns(
+                pl.lit(None, dtype=pl.String).alias("labels"), pl.lit(None, dtype=pl.String).alias("annotations")
+            )
+        details = self.details.of(alerts.get_column("alert_id"))
+        return alerts.join(details, on="alert_id", how="left")
+
+
+# A tick's transitions: lifecycle.TRANSITION_SCHEMA plus the alert's labels and annotations.
+TRANSITIONS_SCHEMA = pl.Schema({**lifecycle.TRANSITION_SCHEMA, "labels": pl.String(), "annotations": pl.String()})
 
 
 def empty_result() -> TickResult:
-    transitions = pl.DataFrame(schema=lifecycle.TRANSITION_SCHEMA).with_columns(
-        pl.lit(None, dtype=pl.String).alias("labels"), pl.lit(None, dtype=pl.String).alias("annotations")
-    )
+    transitions = pl.DataFrame(schema=TRANSITIONS_SCHEMA)
     return TickResult(views=empty_views(), alerts=lifecycle.empty_alerts(), transitions=transitions)
 
 
@@ -80,19 +96,32 @@ class Engine:
     settings: EngineSettings = field(default_factory=EngineSettings)
     fleet: state.FleetState = field(default_factory=state.FleetState)
     alerts: pl.DataFrame = field(default_factory=lifecycle.empty_alerts)
-    details: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=lifecycle.DETAIL_SCHEMA))
     held: frozenset[str] = frozenset()
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
+        rules = self.pack.rules
         self._timing = pl.DataFrame(
             {
-                "alertname": [r.name for r in self.pack.rules],
-                "for_ms": [int(r.spec.for_seconds * 1000) for r in self.pack.rules],
-                "keep_firing_for_ms": [int(r.spec.keep_firing_for_seconds * 1000) for r in self.pack.rules],
+                "rule": list(range(len(rules))),
+                "for_ms": [int(r.spec.for_seconds * 1000) for r in rules],
+                "keep_firing_for_ms": [int(r.spec.keep_firing_for_seconds * 1000) for r in rules],
             },
-            schema={"alertname": pl.String, "for_ms": pl.Int64, "keep_firing_for_ms": pl.Int64},
+            schema=lifecycle.TIMING_SCHEMA,
         )
+        self._describer = Describer(rules, self.settings.static_labels)
+        self._salts = self._describer.salts
+        # Labels of every known alert, and annotations of alerts as of the last tick they were
+        # true (append-only stores, compacted when they have grown; see rules.describe).
+        self._labels = empty_store(IDENTITY_SCHEMA)
+        self._stored = empty_store(ANNOTATION_SCHEMA)
+        # The previous tick's views and active alerts: where alerts that stop being true now
+        # get their last annotations from.
+        self._previous: tuple[Views, pl.DataFrame] | None = None
+        self._by_entity: dict[str, list[int]] = {}
+        for index, r in enumerate(rules):
+            self._by_entity.setdefault(r.spec.entity, []).append(index)
+        self._aggregates: Aggregates | None = None
         s = self.settings
         self._params = ViewParams(
             heartbeat_timeout_s=s.heartbeat_timeout_s,
@@ -140,6 +169,7 @@ class Engine:
             self.fleet = state.drop_clusters(self.fleet, ids)
             self.alerts = self.alerts.filter(~pl.col("hci_cluster").is_in(ids).fill_null(False))
             self.held = self.held - frozenset(ids)
+            self._aggregates = None  # their links and service groups vanish at the next tick
 
     def hold(self, cluster_ids: Collection[str]) -> None:
         """Freeze the alerts of these instances (nothing fires or resolves) while their state is
@@ -154,102 +184,134 @@ class Engine:
     def tick(self, now_ms: int, sources: pl.DataFrame | None = None) -> TickResult:
         """Evaluate every rule over the whole fleet at `now_ms`. `sources` (SOURCES_SCHEMA)
         describes the ingest sources for the source-health rules."""
-        started = time.perf_counter()
+        clock = _PhaseClock()
         with self._lock:
-            views = build_views(self.fleet, now_ms, self._params, sources)
-            matched = {rule.name: self._matches(rule, views) for rule in self.pack.rules}
-            active = pl.concat(
-                [
-                    frame.select(
-                        pl.lit(rule.name).alias("alertname"),
-                        "alert_key",
-                        "__alert_cluster",
-                        pl.lit(rule.spec.severity).alias("severity"),
-                        pl.lit(int(rule.spec.for_seconds * 1000), dtype=pl.Int64).alias("for_ms"),
-                        pl.lit(int(rule.spec.keep_firing_for_seconds * 1000), dtype=pl.Int64).alias("keep_firing_for_ms"),
-                    ).rename({"__alert_cluster": "hci_cluster"})
-                    for rule in self.pack.rules
-                    for frame in (matched[rule.name],)
-                ]
-                or [pl.DataFrame(schema=lifecycle.ACTIVE_SCHEMA)]
-            )
+            views = build_views(self.fleet, now_ms, self._params, sources, self._aggregates_at(now_ms))
+            clock.lap("aggregates")
+            held = sorted(self.held)
+            active = self._active(views, held)
+            clock.lap("conditions")
             alerts = self.alerts
-            if self.held:
-                is_held = pl.col("hci_cluster").is_in(list(self.held)).fill_null(False)
+            if held:
+                # Held instances' alerts neither fire nor resolve; their rows found no matches.
+                is_held = pl.col("hci_cluster").is_in(held).fill_null(False)
                 frozen = alerts.filter(is_held)
                 alerts = alerts.filter(~is_held)
-                active = active.filter(~is_held)
-            advanced, transitions = lifecycle.advance(
-                alerts, active, now_ms, self._timing, int(self.settings.resolved_retention_s * 1000)
+            new = active.filter(~pl.col("alert_id").is_in(alerts.get_column("alert_id").implode()))
+            identities = self._describer.identities(views, new)
+            clock.lap("labels")
+            advanced, changes = lifecycle.advance(
+                alerts,
+                active,
+                new.join(identities, on="alert_id", how="left").select(lifecycle.NEW_SCHEMA.names()),
+                now_ms,
+                self._timing,
+                int(self.settings.resolved_retention_s * 1000),
             )
-            self.alerts = pl.concat([advanced, frozen]) if self.held else advanced
-            self.details = self._render(matched, advanced, now_ms)
-            transitions = transitions.join(
-                self.details.select("alertname", "alert_key", "labels", "annotations"),
-                on=["alertname", "alert_key"],
-                how="left",
-            )
-            alerts, details = self.alerts, self.details
-        return TickResult(views, alerts, transitions, details, time.perf_counter() - started)
+            self.alerts = pl.concat([advanced, frozen]) if held else advanced
+            clock.lap("lifecycle")
+            self._remember(identities, active)
+            details = Details(self._describer, views, active, self._labels, self._stored)
+            self._previous = (views, active)
+            transitions = self._transitions(changes, details)
+            clock.lap("transitions")
+            alerts = self.alerts
+        return TickResult(views, alerts, transitions, details, clock.total(), clock.phases)
 
-    def _matches(self, rule: CompiledRule, views: Views) -> pl.DataFrame:
-        """The rows of the rule's entity view where its condition holds, with the alert key."""
-        label_cols = ENTITIES[rule.spec.entity].labels
-        key = pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in label_cols], separator=LABEL_SEPARATOR)
-        cluster = pl.col("hci_cluster") if "hci_cluster" in label_cols else pl.lit(None, dtype=pl.String)
-        return (
-            views.of(rule.spec.entity)
-            .lazy()
-            .filter(rule.condition.fill_null(False))
-            .with_columns(key.alias("alert_key"), cluster.alias("__alert_cluster"))
-            .collect()
-        )
+    def _aggregates_at(self, now_ms: int) -> Aggregates:
+        """The link and service-group sums: recomputed when the state changed and the last ones
+        are older than `aggregate_refresh_s` (or from the future: the clock went back)."""
+        table = self.fleet.replication
+        current = self._aggregates
+        if current is not None and current.summarises(table):
+            return current
+        age_ms = now_ms - current.computed_ms if current is not None else None
+        if current is None or age_ms is None or age_ms < 0 or age_ms >= self.settings.aggregate_refresh_s * 1000:
+            current = summarise(table, now_ms)
+            self._aggregates = current
+        return current
 
-    def _render(self, matched: dict[str, pl.DataFrame], alerts: pl.DataFrame, now_ms: int) -> pl.DataFrame:
-        """Labels and annotations for the alerts that need them: new ones, ones that fired
-        at this tick, and standing ones whose annotations are older than the refresh period."""
-        refresh_ms = int(self.settings.annotation_refresh_s * 1000)
-        keys = ["alertname", "alert_key"]
-        previous = self.details
-        due = (
-            alerts.filter(pl.col("state") != lifecycle.RESOLVED)
-            .join(previous.select(*keys, "annotated_at_ms"), on=keys, how="left")
-            .filter(
-                pl.col("annotated_at_ms").is_null()
-                | (pl.col("annotated_at_ms") <= now_ms - refresh_ms)
-                | (pl.col("fired_at_ms") == now_ms)
+    def _active(self, views: Views, held: list[str]) -> pl.DataFrame:
+        """Every (rule, entity) whose condition holds now: ACTIVE_SCHEMA.
+
+        Per entity, one query evaluates all of its rules' conditions in a single pass over the
+        columns they read, keeps the rows where any holds and hashes only their identity labels
+        into alert ids. Nothing else of the view is computed. Rules that read a column needing
+        the VM's link (a lookup for every VM) are evaluated apart, so that the others skip it."""
+        plans: list[list[int]] = []
+        queries: list[pl.LazyFrame] = []
+        for entity, indices in self._by_entity.items():
+            labels = ENTITIES[entity].labels
+            reads = {i: _columns(self.pack.rules[i].condition) or set(views.of(entity).columns) for i in indices}
+            linked = [i for i in indices if reads[i] & NEEDS_LINK]
+            for group in ([i for i in indices if i not in linked], linked):
+                if not group:
+                    continue
+                query = views.lazy(entity, set(labels).union(*(reads[i] for i in group)))
+                if held and "hci_cluster" in labels:
+                    query = query.filter(~pl.col("hci_cluster").is_in(held).fill_null(False))
+                flags = [f"__c{i}" for i in group]
+                conditions = [self.pack.rules[i].condition.fill_null(False).alias(f) for i, f in zip(group, flags)]
+                queries.append(
+                    query.select(ROW, *labels, *conditions)
+                    .filter(pl.any_horizontal(flags))
+                    .select(ROW, entity_hash(labels).alias("__h"), *flags)
+                )
+                plans.append(group)
+        found = pl.collect_all(queries) if queries else []
+        parts = [
+            frame.filter(pl.col(f"__c{i}")).select(
+                (pl.col("__h") ^ pl.lit(self._salts[i], dtype=pl.UInt64)).alias("alert_id"),
+                pl.lit(i, dtype=pl.UInt16).alias("rule"),
+                pl.col(ROW).cast(pl.UInt32).alias("row"),
             )
-            .select(keys)
-        )
-        rendered = [
-            self._details(rule, matched[rule.name].join(rule_due, on="alert_key", how="semi"), now_ms)
-            for rule in self.pack.rules
-            for rule_due in (due.filter(pl.col("alertname") == rule.name),)
-            if not rule_due.is_empty()
+            for frame, group in zip(found, plans)
+            for i in group
         ]
-        details = previous
-        if rendered:
-            fresh = pl.concat(rendered)
-            details = pl.concat([previous.join(fresh, on=keys, how="anti"), fresh])
-        # Forget details of alerts the lifecycle has forgotten, once they are a noticeable share.
-        if details.height > alerts.height * 1.25 + 100:
-            details = details.join(alerts.select(keys), on=keys, how="semi")
-        return details
+        return pl.concat(parts) if parts else pl.DataFrame(schema=lifecycle.ACTIVE_SCHEMA)
 
-    def _details(self, rule: CompiledRule, rows: pl.DataFrame, now_ms: int) -> pl.DataFrame:
-        spec = rule.spec
-        label_cols = ENTITIES[spec.entity].labels
-        static = {**dict(self.settings.static_labels), **spec.labels}
-        labels = pl.struct(
-            pl.lit(spec.alert).alias("alertname"),
-            pl.lit(spec.severity).alias("severity"),
-            *[pl.lit(v).alias(k) for k, v in static.items()],
-            *[pl.col(c).cast(pl.String).fill_null("").alias(c) for c in label_cols],
+    def _remember(self, identities: pl.DataFrame, active: pl.DataFrame) -> None:
+        """Store the labels of new alerts, and the annotations of alerts that stopped being true
+        at this tick as of the previous tick (their last true one)."""
+        self._labels = compact(pl.concat([self._labels, identities]), self.alerts)
+        if self._previous is not None:
+            views, was_active = self._previous
+            ended = was_active.filter(~pl.col("alert_id").is_in(active.get_column("alert_id").implode()))
+            if not ended.is_empty():
+                self._stored = pl.concat([self._stored, self._describer.annotations(views, ended)])
+        self._stored = compact(self._stored, self.alerts)
+
+    def _transitions(self, changes: pl.DataFrame, details: Details) -> pl.DataFrame:
+        """This tick's transitions with the alerts' identity, labels and annotations."""
+        if changes.is_empty():
+            return pl.DataFrame(schema=TRANSITIONS_SCHEMA)
+        ids = changes.get_column("alert_id")
+        return (
+            changes.join(self.alerts.filter(pl.col("alert_id").is_in(ids.implode())), on="alert_id", how="left")
+            .join(details.of(ids), on="alert_id", how="left")
+            .select(TRANSITIONS_SCHEMA.names())
         )
-        return rows.select(
-            pl.lit(spec.alert).alias("alertname"),
-            "alert_key",
-            labels.struct.json_encode().alias("labels"),
-            pl.struct([expr.alias(key) for key, expr in rule.annotations.items()]).struct.json_encode().alias("annotations"),
-            pl.lit(now_ms, dtype=pl.Int64).alias("annotated_at_ms"),
-        )
+
+
+class _PhaseClock:
+    """Wall time per phase of a tick: where a slow tick spends it (bench/tick prints it)."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _columns(condition: pl.Expr) -> set[str] | None:
+    """The columns a condition reads, or None when polars cannot tell."""
+    try:
+        return set(condition.meta.root_names())
+    except Exception:  # an expression polars cannot introspect: read every column
+        return None

@@ -18,17 +18,22 @@ import polars as pl
 PENDING = "pending"
 FIRING = "firing"
 RESOLVED = "resolved"
+# An enum, not text: the lifecycle compares and sets it for every alert at every tick.
+STATE = pl.Enum([PENDING, FIRING, RESOLVED])
 
-# One row per alert (alertname + identity labels). Kept narrow on purpose: the lifecycle runs
-# over every alert at every tick, so labels and annotations (JSON text) live in a side table
-# the engine fills only when an alert needs them (see rules.engine).
+# One row per alert. Kept narrow on purpose: the lifecycle runs over every alert at every tick,
+# so it matches alerts on one integer, `alert_id` (a 64-bit hash of the rule and the entity's
+# identity labels, see rules.describe); labels and annotations (JSON text) are rendered when
+# they are read (rules.describe).
 ALERT_SCHEMA = pl.Schema(
     {
+        "alert_id": pl.UInt64(),
+        "rule": pl.UInt16(),  # index of the rule in its pack
         "alertname": pl.String(),
-        "alert_key": pl.String(),
+        "alert_key": pl.String(),  # the identity labels' values, joined with \x1f
         "hci_cluster": pl.String(),  # the instance the alert is about (null for fleet-wide ones)
         "severity": pl.String(),
-        "state": pl.String(),
+        "state": STATE,
         "active_at_ms": pl.Int64(),
         "fired_at_ms": pl.Int64(),
         "last_true_ms": pl.Int64(),
@@ -36,17 +41,24 @@ ALERT_SCHEMA = pl.Schema(
     }
 )
 
-# What the rules found true at this tick: one row per (alertname, alert_key).
-ACTIVE_SCHEMA = pl.Schema(
+# What the rules found true at this tick: one row per alert, with the row of the entity view
+# it was found in (so that the engine can come back for its labels).
+ACTIVE_SCHEMA = pl.Schema({"alert_id": pl.UInt64(), "rule": pl.UInt16(), "row": pl.UInt32()})
+
+# Alerts true now that the table does not hold yet, with their identity.
+NEW_SCHEMA = pl.Schema(
     {
+        "alert_id": pl.UInt64(),
+        "rule": pl.UInt16(),
         "alertname": pl.String(),
         "alert_key": pl.String(),
         "hci_cluster": pl.String(),
         "severity": pl.String(),
-        "for_ms": pl.Int64(),
-        "keep_firing_for_ms": pl.Int64(),
     }
 )
+
+# Per rule (by index): its `for` and `keep_firing_for`.
+TIMING_SCHEMA = pl.Schema({"rule": pl.UInt16(), "for_ms": pl.Int64(), "keep_firing_for_ms": pl.Int64()})
 
 TRANSITION_SCHEMA = pl.Schema(
     {
@@ -59,19 +71,6 @@ TRANSITION_SCHEMA = pl.Schema(
     }
 )
 
-# Labels and annotations of an alert, as JSON objects; annotations carry the values of their
-# last rendering (`annotated_at_ms`).
-DETAIL_SCHEMA = pl.Schema(
-    {
-        "alertname": pl.String(),
-        "alert_key": pl.String(),
-        "labels": pl.String(),
-        "annotations": pl.String(),
-        "annotated_at_ms": pl.Int64(),
-    }
-)
-
-
 def empty_alerts() -> pl.DataFrame:
     return pl.DataFrame(schema=ALERT_SCHEMA)
 
@@ -79,80 +78,83 @@ def empty_alerts() -> pl.DataFrame:
 def advance(
     alerts: pl.DataFrame,
     active: pl.DataFrame,
+    new: pl.DataFrame,
     now_ms: int,
     rule_timing: pl.DataFrame,
     resolved_retention_ms: int,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """One tick. `alerts` is the previous table (ALERT_SCHEMA), `active` what is true now
-    (ACTIVE_SCHEMA), `rule_timing` has alertname, for_ms, keep_firing_for_ms for every rule
-    (an inactive alert needs its rule's keep_firing_for). Returns the new table and the
-    transitions (fired / resolved) of this tick."""
+    (ACTIVE_SCHEMA), `new` the active alerts not in `alerts` with their identity (NEW_SCHEMA),
+    `rule_timing` (TIMING_SCHEMA) every rule (an inactive alert needs its rule's
+    keep_firing_for).
+
+    Returns the new table (ALERT_SCHEMA) and the transitions of this tick: `alert_id`,
+    `transition` ("fired" | "resolved"), `at_ms`.
+
+    Membership tests (`is_in` on the 64-bit ids), not a join of the two tables: at fleet scale
+    both hold hundreds of thousands of rows, nearly all of them the same alerts tick after
+    tick."""
     now = pl.lit(now_ms, dtype=pl.Int64)
-    joined = (
-        alerts.join(active, on=["alertname", "alert_key"], how="full", coalesce=True, suffix="_now")
-        .drop("for_ms", "keep_firing_for_ms")
-        .join(rule_timing, on="alertname", how="left")
+    born = new.select(
+        *[pl.col(c) if c in NEW_SCHEMA else pl.lit(None, dtype=t).alias(c) for c, t in ALERT_SCHEMA.items()],
+        pl.lit(True).alias("is_active"),
     )
-    is_active = pl.col("severity_now").is_not_null()
+    known = alerts.with_columns(pl.col("alert_id").is_in(active.get_column("alert_id").implode()).alias("is_active"))
+    timing = rule_timing.rows_by_key("rule", unique=True)
+    rule = pl.col("rule")
+    for_ms = rule.replace_strict({r: t[0] for r, t in timing.items()}, default=0, return_dtype=pl.Int64)
+    keep_ms = rule.replace_strict({r: t[1] for r, t in timing.items()}, default=0, return_dtype=pl.Int64)
+
+    is_active = pl.col("is_active")
     was = pl.col("state")
     # A resolved alert that becomes true again starts a new occurrence, like a fresh one.
     fresh = was.is_null() | (was == RESOLVED)
-    for_ms = pl.col("for_ms").fill_null(0)
-    keep_ms = pl.col("keep_firing_for_ms").fill_null(0)
     active_at = pl.when(is_active & fresh).then(now).otherwise(pl.col("active_at_ms"))
     last_true = pl.when(is_active).then(now).otherwise(pl.col("last_true_ms"))
 
+    firing, pending, resolved = (pl.lit(v, dtype=STATE) for v in (FIRING, PENDING, RESOLVED))
+    forgotten = pl.lit(None, dtype=STATE)
     state = (
         pl.when(is_active)
-        .then(
-            pl.when(was == FIRING)
-            .then(pl.lit(FIRING))
-            .when(now - active_at >= for_ms)
-            .then(pl.lit(FIRING))
-            .otherwise(pl.lit(PENDING))
-        )
+        .then(pl.when(was == FIRING).then(firing).when(now - active_at >= for_ms).then(firing).otherwise(pending))
         .when(was == PENDING)
-        .then(pl.lit(None, dtype=pl.String))  # pending and false again: forgotten
+        .then(forgotten)  # pending and false again: forgotten
         .when(was == FIRING)
-        .then(pl.when(now - pl.col("last_true_ms") < keep_ms).then(pl.lit(FIRING)).otherwise(pl.lit(RESOLVED)))
+        .then(pl.when(now - pl.col("last_true_ms") < keep_ms).then(firing).otherwise(resolved))
         .when((was == RESOLVED) & (now - pl.col("resolved_at_ms") < resolved_retention_ms))
-        .then(pl.lit(RESOLVED))
-        .otherwise(pl.lit(None, dtype=pl.String))
+        .then(resolved)
+        .otherwise(forgotten)
     )
-    stepped = joined.with_columns(
-        state.alias("new_state"),
-        active_at.alias("active_at_ms"),
-        last_true.alias("last_true_ms"),
-        pl.coalesce("severity_now", "severity").alias("severity"),
-        pl.coalesce("hci_cluster_now", "hci_cluster").alias("hci_cluster"),
-    ).with_columns(
-        # Set when an occurrence starts firing; a pending occurrence has not fired (yet).
-        pl.when((pl.col("new_state") == FIRING) & (was != FIRING).fill_null(True))
-        .then(now)
-        .when(pl.col("new_state") == PENDING)
-        .then(pl.lit(None, dtype=pl.Int64))
-        .otherwise(pl.col("fired_at_ms"))
-        .alias("fired_at_ms"),
-        pl.when((pl.col("new_state") == RESOLVED) & (was == FIRING))
-        .then(now)
-        .when(pl.col("new_state") == RESOLVED)
-        .then(pl.col("resolved_at_ms"))
-        .otherwise(pl.lit(None, dtype=pl.Int64))
-        .alias("resolved_at_ms"),
+    new_state = pl.col("new_state")
+    became_firing = (new_state == FIRING) & (was != FIRING).fill_null(True)
+    became_resolved = (new_state == RESOLVED) & (was == FIRING)
+    stepped = (
+        pl.concat([known, born])
+        .with_columns(state.alias("new_state"), active_at.alias("active_at_ms"), last_true.alias("last_true_ms"))
+        .with_columns(
+            # Set when an occurrence starts firing; a pending occurrence has not fired (yet).
+            pl.when(became_firing)
+            .then(now)
+            .when(new_state == PENDING)
+            .then(pl.lit(None, dtype=pl.Int64))
+            .otherwise(pl.col("fired_at_ms"))
+            .alias("fired_at_ms"),
+            pl.when(became_resolved)
+            .then(now)
+            .when(new_state == RESOLVED)
+            .then(pl.col("resolved_at_ms"))
+            .otherwise(pl.lit(None, dtype=pl.Int64))
+            .alias("resolved_at_ms"),
+            became_firing.alias("fired"),
+            became_resolved.alias("resolved"),
+        )
     )
-    became_firing = (pl.col("new_state") == FIRING) & (was != FIRING).fill_null(True)
-    became_resolved = (pl.col("new_state") == RESOLVED) & (was == FIRING)
-    transitions = stepped.filter(became_firing | became_resolved).select(
-        "alertname",
-        "alert_key",
-        "hci_cluster",
-        "severity",
-        pl.when(became_firing).then(pl.lit("fired")).otherwise(pl.lit("resolved")).alias("transition"),
+    transitions = stepped.filter(pl.col("fired") | pl.col("resolved")).select(
+        "alert_id",
+        pl.when(pl.col("fired")).then(pl.lit("fired")).otherwise(pl.lit("resolved")).alias("transition"),
         now.alias("at_ms"),
     )
-    table = (
-        stepped.filter(pl.col("new_state").is_not_null())
-        .with_columns(pl.col("new_state").alias("state"))
-        .select(ALERT_SCHEMA.names())
-    )
+    # Most ticks forget no alert: then the table is not filtered (which would copy its strings).
+    kept = stepped if stepped.get_column("new_state").null_count() == 0 else stepped.filter(new_state.is_not_null())
+    table = kept.with_columns(new_state.alias("state")).select(ALERT_SCHEMA.names())
     return table, transitions

@@ -51,7 +51,7 @@ CHILD = textwrap.dedent(
             "alertname": "A", "alert_key": f"k{second}", "hci_cluster": "c1", "severity": "critical",
             "transition": "fired", "at_ms": now, "labels": json.dumps({"vm": "vm-00001"}), "annotations": "{}",
         }]))
-        writer.absorb(dataclasses.replace(base, now_ms=now, vm_replication=frame))
+        writer.absorb(base.replace(now_ms=now, vm_replication=frame))
         # The previous second's interval is written once this tick started a new one.
         print(f"written {second - 1}", flush=True)
         if second % 3 == 0:

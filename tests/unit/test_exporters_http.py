@@ -67,7 +67,7 @@ def _result() -> TickResult:
     pending or not."""
     pack, problems = compile_pack(PACK)
     assert problems == []
-    engine = Engine(pack, EngineSettings(annotation_refresh_s=0))  # annotations of this very tick
+    engine = Engine(pack, EngineSettings())
     _cycle(engine, "vm1", "a", T0 - 700_000, T0)
     _cycle(engine, "vm2", "b", T0 - 800_000, T0)
     _cycle(engine, "vm3", "c", T0 - 700_000, T0)

@@ -160,7 +160,7 @@ def test_lag_without_recovery_point_advances_from_the_view(result: TickResult) -
         .otherwise(pl.col("last_recovery_point_seconds"))
         .alias("last_recovery_point_seconds")
     )
-    changed = dataclasses.replace(result, views=dataclasses.replace(result.views, vm_replication=replication))
+    changed = dataclasses.replace(result, views=result.views.replace(vm_replication=replication))
     get = _scrape(changed).get_sample_value
     assert get("rpowatch_replication_last_recovery_point_timestamp_seconds", _rep("vm1")) is None
     assert get("rpowatch_replication_lag_seconds", _rep("vm1")) == pytest.approx(60 + SCRAPE_DELAY_S)
@@ -214,8 +214,7 @@ def test_removed_entity_disappears_from_next_scrape(result: TickResult) -> None:
         Snapshot(
             dataclasses.replace(
                 result,
-                views=dataclasses.replace(
-                    views,
+                views=views.replace(
                     vm_replication=views.vm_replication.filter(pl.col("vm") != "vm3"),
                     node=views.node.filter(pl.col("node") != "n3"),
                 ),
@@ -353,7 +352,7 @@ def full_result() -> TickResult:
     _apply(engine, Stream.HEARTBEAT, [_heartbeat("n1", 5, 600), _heartbeat("n2", 5, 200)])
     result = engine.tick(NOW_MS)
     replication = result.views.vm_replication.with_columns(pl.lit(0.25).alias("missed_cycles_ratio"))
-    return dataclasses.replace(result, views=dataclasses.replace(result.views, vm_replication=replication))
+    return dataclasses.replace(result, views=result.views.replace(vm_replication=replication))
 
 
 def _self_counters() -> SelfCounters:
@@ -399,8 +398,7 @@ def test_a_view_column_that_does_not_exist_is_not_exported(full_result: TickResu
     views = full_result.views
     thinner = dataclasses.replace(
         full_result,
-        views=dataclasses.replace(
-            views,
+        views=views.replace(
             vm_replication=views.vm_replication.drop("missed_cycles_ratio", "time_to_breach_seconds", "health_state"),
             vm_backup=views.vm_backup.drop("last_restore_test_seconds", "backup_age_seconds"),
             cluster=views.cluster.drop("iops_headroom_ratio"),

@@ -53,7 +53,7 @@ def views_at(now_ms: int, vms: pl.DataFrame, links: pl.DataFrame | None = None, 
         extra["link"] = links
     if nodes is not None:
         extra["node"] = nodes
-    return dataclasses.replace(BASE, now_ms=now_ms, vm_replication=vms, **extra)
+    return BASE.replace(now_ms=now_ms, vm_replication=vms, **extra)
 
 
 def transitions(at_ms: int, vm: str, what: str) -> pl.DataFrame:

@@ -12,6 +12,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from rules import lifecycle
 
 KEYS = ["a", "b", "c"]
+ID = {k: 1000 + i for i, k in enumerate(KEYS)}  # alert ids
+KEY = {i: k for k, i in ID.items()}
 
 
 @dataclass
@@ -54,7 +56,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.active: set[str] = set()
         self.model: dict[str, Model] = {}
         self.table = lifecycle.empty_alerts()
-        self.timing = pl.DataFrame({"alertname": ["R"], "for_ms": [for_ms], "keep_firing_for_ms": [keep_ms]})
+        self.timing = pl.DataFrame({"rule": [0], "for_ms": [for_ms], "keep_firing_for_ms": [keep_ms]}, schema=lifecycle.TIMING_SCHEMA)
         self.transitions: list[tuple[str, str]] = []
 
     @rule(keys=st.sets(st.sampled_from(KEYS)))
@@ -65,13 +67,20 @@ class LifecycleMachine(RuleBasedStateMachine):
     def tick(self, dt: int) -> None:
         self.now += dt
         before = {k: m.state for k, m in self.model.items()}
+        keys = sorted(self.active)
         active = pl.DataFrame(
-            {"alertname": ["R"] * len(self.active), "alert_key": sorted(self.active),
-             "hci_cluster": ["c"] * len(self.active), "severity": ["warning"] * len(self.active),
-             "for_ms": [self.for_ms] * len(self.active), "keep_firing_for_ms": [self.keep_ms] * len(self.active)},
+            {"alert_id": [ID[k] for k in keys], "rule": [0] * len(keys), "row": list(range(len(keys)))},
             schema=lifecycle.ACTIVE_SCHEMA,
         )
-        self.table, transitions = lifecycle.advance(self.table, active, self.now, self.timing, self.retention_ms)
+        known = set(self.table.get_column("alert_key").to_list())
+        fresh = [k for k in keys if k not in known]
+        new = pl.DataFrame(
+            {"alert_id": [ID[k] for k in fresh], "rule": [0] * len(fresh), "alertname": ["R"] * len(fresh),
+             "alert_key": fresh, "hci_cluster": ["c"] * len(fresh), "severity": ["warning"] * len(fresh)},
+            schema=lifecycle.NEW_SCHEMA,
+        )
+        self.table, changes = lifecycle.advance(self.table, active, new, self.now, self.timing, self.retention_ms)
+        transitions = changes.with_columns(pl.col("alert_id").replace_strict(KEY, return_dtype=pl.String).alias("alert_key"))
         reference_step(self.model, self.active, self.now, self.for_ms, self.keep_ms, self.retention_ms)
         after = {k: m.state for k, m in self.model.items()}
         expected = sorted(

@@ -181,7 +181,19 @@ def test_storage_path_concentration_of_a_service_group() -> None:
                                  rep("d", T0, T0, vm="web2", service_group="web", storage_path_id="csv2")], T0)
     assert firing(e.tick(T0 + S), "StoragePathConcentration") == {"sql"}
     feed(e, Stream.REPLICATION, [rep("e", T0 + 2 * S, T0 + 2 * S, vm="sql2", service_group="sql", storage_path_id="csv2")], T0 + 2 * S)
+    # Service-group sums follow the state at most `aggregate_refresh_s` (10 s) late.
+    assert states(e.tick(T0 + 3 * S), "StoragePathConcentration") == {"sql": "firing"}
+    assert states(e.tick(T0 + 11 * S), "StoragePathConcentration") == {"sql": "resolved"}
+
+
+def test_aggregates_follow_every_change_when_refresh_is_zero() -> None:
+    e = engine(aggregate_refresh_s=0)
+    feed(e, Stream.REPLICATION, [rep("a", T0, T0, vm="sql1", service_group="sql", storage_path_id="csv1"),
+                                 rep("b", T0, T0, vm="sql2", service_group="sql", storage_path_id="csv1")], T0)
+    assert firing(e.tick(T0 + S), "StoragePathConcentration") == {"sql"}
+    feed(e, Stream.REPLICATION, [rep("e", T0 + 2 * S, T0 + 2 * S, vm="sql2", service_group="sql", storage_path_id="csv2")], T0 + 2 * S)
     assert states(e.tick(T0 + 3 * S), "StoragePathConcentration") == {"sql": "resolved"}
+    assert e.tick(T0 + 4 * S).views.service_group.filter(pl.col("service_group") == "sql")["single_storage_path"].to_list() == [False]
 
 
 def test_source_clock_skew_from_heartbeat_time_versus_arrival() -> None:

@@ -255,7 +255,7 @@ def alert_transitions(sim: FleetSimulator, seconds: int, every: int = 1) -> tupl
     document = yaml.safe_load((REPO / "rules" / "packs" / "default.yaml").read_text())
     pack, problems = compile_pack(document, {"runbook_base": "docs/runbooks"})
     assert not problems
-    engine = Engine(pack, EngineSettings(heartbeat_timeout_s=15))
+    engine = Engine(pack, EngineSettings(heartbeat_timeout_s=15, aggregate_refresh_s=0))  # as the demo
     seen: list[Transition] = []
     saturation: dict[int, float] = {}
     for t in range(0, seconds + 1, every):
