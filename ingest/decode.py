@@ -293,15 +293,15 @@ def _validate(
     if any(spec.kind == "storage" for spec in specs):
         frame = _decode_storage(frame)
         checks.append((f"{WRONG_TYPE}: storage must be a list of storage path objects", pl.col("__storage_bad")))
+    # Whether a record fails any check is one boolean pass; the text naming the first failed
+    # check is built for the failing records only (usually none).
+    frame = frame.with_columns(pl.any_horizontal([cond.fill_null(False) for _, cond in checks]).alias("__bad"))
+    bad = frame.filter(pl.col("__bad"))
     detail = pl.coalesce([pl.when(cond.fill_null(False)).then(pl.lit(text)) for text, cond in checks])
-    frame = frame.with_columns(detail.alias("detail"))
-
-    rejects = frame.filter(pl.col("detail").is_not_null()).select(
-        pl.col(_INDEX).alias("index"),
-        pl.col("detail").str.extract(r"^([a-z_]+)", 1).alias("reason"),
-        pl.col("detail"),
+    rejects = bad.select(pl.col(_INDEX).alias("index"), detail.alias("detail")).select(
+        "index", pl.col("detail").str.extract(r"^([a-z_]+)", 1).alias("reason"), "detail"
     )
-    valid = frame.filter(pl.col("detail").is_null()).select(
+    valid = (frame.filter(~pl.col("__bad")) if bad.height else frame).select(
         *[pl.col(spec.name) for spec in specs],
         pl.lit(received_at_ms).cast(TIMESTAMP).alias("received_at"),
     )

@@ -207,7 +207,8 @@ class Evaluation(_Section):
     # A source silent this long raises IngestStalled and holds back its heartbeat-loss alerts.
     ingest_stall: Duration = Field(default=60.0, gt=0)
     # Per-link and per-service-group sums (link saturation, replica VMs per target, storage-path
-    # concentration) follow ingest at most this late; 0 recomputes them after every change.
+    # concentration) follow changes of existing VMs at most this late (new or removed VMs at
+    # once); 0 recomputes them after every change.
     aggregate_refresh: Duration = Field(default=10.0, ge=0)
 
 

@@ -219,14 +219,19 @@ class Engine:
         return TickResult(views, alerts, transitions, details, clock.total(), clock.phases)
 
     def _aggregates_at(self, now_ms: int) -> Aggregates:
-        """The link and service-group sums: recomputed when the state changed and the last ones
-        are older than `aggregate_refresh_s` (or from the future: the clock went back)."""
+        """The link and service-group sums. Recomputed at once when VMs came or went (a new VM
+        can open a link or a service group: its alerts must not wait), else when the state
+        changed and the last ones are older than `aggregate_refresh_s` (or from the future:
+        the clock went back)."""
         table = self.fleet.replication
         current = self._aggregates
         if current is not None and current.summarises(table):
             return current
-        age_ms = now_ms - current.computed_ms if current is not None else None
-        if current is None or age_ms is None or age_ms < 0 or age_ms >= self.settings.aggregate_refresh_s * 1000:
+        if (
+            current is None
+            or current.table.height != table.height
+            or not 0 <= now_ms - current.computed_ms < self.settings.aggregate_refresh_s * 1000
+        ):
             current = summarise(table, now_ms)
             self._aggregates = current
         return current

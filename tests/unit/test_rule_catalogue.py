@@ -245,3 +245,14 @@ def test_the_default_pack_is_the_whole_catalogue() -> None:
         "NodeHeartbeatLost", "ClusterFailoverCapacityInsufficient", "StoragePathConcentration", "SourceClockSkew",
         "IngestStalled", "IngestMostlyRejected",
     }
+
+
+def test_a_new_vm_is_summed_into_links_and_service_groups_at_once() -> None:
+    e = engine()  # default refresh: 10 s for changes of known VMs
+    feed(e, Stream.REPLICATION, [rep("a", T0, T0, vm="sql1", service_group="sql", storage_path_id="csv1")], T0)
+    first = e.tick(T0 + S)
+    assert first.views.link.select("hci_cluster", "target", "vms").rows() == [("c1", "c2", 1)]
+    feed(e, Stream.REPLICATION, [rep("b", T0 + S, T0 + S, vm="sql2", service_group="sql", storage_path_id="csv1")], T0 + S)
+    result = e.tick(T0 + 2 * S)  # one second later, well inside the refresh period
+    assert result.views.link.select("vms").item() == 2
+    assert firing(result, "StoragePathConcentration") == {"sql"}
