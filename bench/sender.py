@@ -191,7 +191,7 @@ def tick_result(base: pl.DataFrame, details: pl.DataFrame, fired_cohorts: int, n
     # Whichever columns the engine's alert table has: the table here carries a superset.
     alerts = alerts.select(lifecycle.ALERT_SCHEMA.names()).cast(lifecycle.ALERT_SCHEMA)
     views = build_views(FleetState(), now_ms, ViewParams())
-    return TableResult(views=views, alerts=alerts, transitions=empty_result().transitions, fixed_details=details)
+    return TableResult(views=views, alerts=alerts, changes=empty_result().changes, fixed_details=details)
 
 
 # --- the baseline: the sender as it was before the polars bookkeeping, verbatim ------------------

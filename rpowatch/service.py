@@ -293,9 +293,21 @@ class Service:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
 
 
+LOGGED_TRANSITIONS = 20  # per tick, one line each; beyond that a count per alert and transition
+
+
 def _log_transitions(result: TickResult) -> None:
-    if result.transitions.is_empty() or not logger.isEnabledFor(logging.INFO):
+    """One line per transition, up to LOGGED_TRANSITIONS; then counts. Runs on the event loop,
+    and a fleet-wide condition can fire thousands of alerts in one tick."""
+    changes = result.changes
+    if changes.is_empty() or not logger.isEnabledFor(logging.INFO):
         return
-    for name, transition, labels in result.transitions.select("alertname", "transition", "labels").iter_rows():
-        identity = {k: v for k, v in json.loads(labels).items() if k not in ("alertname", "severity", "service")}
+    head = changes.head(LOGGED_TRANSITIONS)
+    described = result.with_details(head) if "labels" not in head.columns else head
+    for name, transition, labels in described.select("alertname", "transition", "labels").iter_rows():
+        identity = {k: v for k, v in json.loads(labels or "{}").items() if k not in ("alertname", "severity", "service")}
         logger.info("alert %s %s %s", name, transition, identity)
+    if changes.height > LOGGED_TRANSITIONS:
+        counts = changes.slice(LOGGED_TRANSITIONS).group_by("alertname", "transition").len().sort("alertname", "transition")
+        summary = ", ".join(f"{name} {transition} {n}" for name, transition, n in counts.iter_rows())
+        logger.info("and %d more alert transitions: %s", changes.height - LOGGED_TRANSITIONS, summary)

@@ -56,11 +56,34 @@ class EngineSettings:
 class TickResult:
     views: Views
     alerts: pl.DataFrame  # lifecycle.ALERT_SCHEMA: pending, firing and recently resolved
-    transitions: pl.DataFrame  # TRANSITION_SCHEMA plus labels and annotations: changes of this tick
+    # The alerts that fired or resolved at this tick: lifecycle.TRANSITION_SCHEMA plus
+    # `alert_id` (their labels and annotations come with `transitions`), or, in results built
+    # by hand, TRANSITIONS_SCHEMA already.
+    changes: pl.DataFrame
     details: Details | None = None  # renders labels and annotations on demand
     duration_s: float = 0.0
     # Seconds per phase of the tick (aggregates, conditions, labels, lifecycle, transitions).
     phases: dict[str, float] = field(default_factory=dict)
+    _rendered: dict[str, pl.DataFrame] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def transitions(self) -> pl.DataFrame:
+        """This tick's transitions with labels and annotations (TRANSITIONS_SCHEMA). Rendered on
+        first read, on the reader's thread (the history writer's), not inside the tick: a
+        fleet-wide condition can fire thousands of alerts in one tick."""
+        frame = self._rendered.get("transitions")
+        if frame is None:
+            frame = self._render_transitions()
+            self._rendered["transitions"] = frame  # rendering twice on a race gives equal frames
+        return frame
+
+    def _render_transitions(self) -> pl.DataFrame:
+        changes = self.changes
+        if "labels" in changes.columns or self.details is None or changes.is_empty():
+            missing = [pl.lit(None, dtype=t).alias(c) for c, t in TRANSITIONS_SCHEMA.items() if c not in changes.columns]
+            return changes.with_columns(missing).select(TRANSITIONS_SCHEMA.names())
+        details = self.details.of(changes.get_column("alert_id"))
+        return changes.join(details, on="alert_id", how="left", maintain_order="left").select(TRANSITIONS_SCHEMA.names())
 
     @property
     def now_ms(self) -> int:
@@ -78,7 +101,7 @@ class TickResult:
                 pl.lit(None, dtype=pl.String).alias("labels"), pl.lit(None, dtype=pl.String).alias("annotations")
             )
         details = self.details.of(alerts.get_column("alert_id"))
-        return alerts.join(details, on="alert_id", how="left")
+        return alerts.join(details, on="alert_id", how="left", maintain_order="left")
 
 
 # A tick's transitions: lifecycle.TRANSITION_SCHEMA plus the alert's labels and annotations.
@@ -86,8 +109,7 @@ TRANSITIONS_SCHEMA = pl.Schema({**lifecycle.TRANSITION_SCHEMA, "labels": pl.Stri
 
 
 def empty_result() -> TickResult:
-    transitions = pl.DataFrame(schema=TRANSITIONS_SCHEMA)
-    return TickResult(views=empty_views(), alerts=lifecycle.empty_alerts(), transitions=transitions)
+    return TickResult(views=empty_views(), alerts=lifecycle.empty_alerts(), changes=pl.DataFrame(schema=TRANSITIONS_SCHEMA))
 
 
 @dataclass
@@ -213,10 +235,10 @@ class Engine:
             self._remember(identities, active)
             details = Details(self._describer, views, active, self._labels, self._stored)
             self._previous = (views, active)
-            transitions = self._transitions(changes, details)
+            changes = self._identify(changes)
             clock.lap("transitions")
             alerts = self.alerts
-        return TickResult(views, alerts, transitions, details, clock.total(), clock.phases)
+        return TickResult(views, alerts, changes, details, clock.total(), clock.phases)
 
     def _aggregates_at(self, now_ms: int) -> Aggregates:
         """The link and service-group sums. Recomputed at once when VMs came or went (a new VM
@@ -286,15 +308,11 @@ class Engine:
                 self._stored = pl.concat([self._stored, self._describer.annotations(views, ended)])
         self._stored = compact(self._stored, self.alerts)
 
-    def _transitions(self, changes: pl.DataFrame, details: Details) -> pl.DataFrame:
-        """This tick's transitions with the alerts' identity, labels and annotations."""
-        if changes.is_empty():
-            return pl.DataFrame(schema=TRANSITIONS_SCHEMA)
-        ids = changes.get_column("alert_id")
-        return (
-            changes.join(self.alerts.filter(pl.col("alert_id").is_in(ids.implode())), on="alert_id", how="left")
-            .join(details.of(ids), on="alert_id", how="left")
-            .select(TRANSITIONS_SCHEMA.names())
+    def _identify(self, changes: pl.DataFrame) -> pl.DataFrame:
+        """This tick's transitions with the alerts' identity (TickResult.changes)."""
+        ids = changes.get_column("alert_id").implode()
+        return changes.join(self.alerts.filter(pl.col("alert_id").is_in(ids)), on="alert_id", how="left").select(
+            *lifecycle.TRANSITION_SCHEMA.names(), "alert_id"
         )
 
 

@@ -352,7 +352,9 @@ class BackgroundWriter:
         self.writer = writer
         self._cond = threading.Condition()
         self._latest: Views | None = None
-        self._transitions: deque[pl.DataFrame] = deque()
+        # Ticks whose transitions are still to be written: their labels and annotations are
+        # rendered here, on the writer's thread (TickResult.transitions), not on the event loop.
+        self._transitions: deque[TickResult] = deque()
         self._closing = False
         self._flush_requested = False
         self.dropped = 0
@@ -367,8 +369,8 @@ class BackgroundWriter:
                 self.dropped += 1
             self._latest = result.views
             self.offered += 1
-            if not result.transitions.is_empty():
-                self._transitions.append(result.transitions)
+            if not result.changes.is_empty():
+                self._transitions.append(result)
             self._cond.notify()
 
     def request_flush(self) -> None:
@@ -384,7 +386,7 @@ class BackgroundWriter:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def _take(self) -> tuple[Views | None, list[pl.DataFrame], bool, bool]:
+    def _take(self) -> tuple[Views | None, list[TickResult], bool, bool]:
         with self._cond:
             while self._latest is None and not self._transitions and not self._closing and not self._flush_requested:
                 self._cond.wait()
@@ -398,8 +400,8 @@ class BackgroundWriter:
         while True:
             views, transitions, flush, closing = self._take()
             try:
-                for t in transitions:
-                    self.writer.add_transitions(t)
+                for result in transitions:
+                    self.writer.add_transitions(result.transitions)
                 if views is not None:
                     self.writer.absorb(views)
                 if flush or closing:

@@ -365,7 +365,7 @@ class AlertTable:
         # Whichever columns the engine's alert table has.
         alerts = full.select(lifecycle.ALERT_SCHEMA.names()).cast(lifecycle.ALERT_SCHEMA)
         views = build_views(FleetState(), now_ms, ViewParams())
-        return TableResult(views=views, alerts=alerts, transitions=empty_result().transitions, fixed_details=details)
+        return TableResult(views=views, alerts=alerts, changes=empty_result().changes, fixed_details=details)
 
 
 @dataclass

@@ -353,3 +353,21 @@ def test_alert_ids_are_stable_and_distinct_per_rule() -> None:
     assert first.sort("alert_id").equals(second.sort("alert_id"))
     breaches = first.filter(pl.col("alertname") == "ReplicationRPOBreach")
     assert breaches.height == 2 and first.height == first.get_column("alert_id").n_unique() > 2
+
+
+def test_a_fleet_wide_transition_logs_twenty_lines_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from rpowatch.service import LOGGED_TRANSITIONS, _log_transitions
+
+    engine = Engine(default_pack())
+    feed(engine, Stream.REPLICATION, [rep(f"e{i}", T0, T0, vm=f"vm{i:02d}") for i in range(30)], T0)
+    result = engine.tick(T0 + 61 * S)
+    fired = result.transitions.filter(pl.col("transition") == "fired")
+    assert fired.height == 60  # 30 VMs: ReplicationRPOBreach and VMUnprotected each
+    with caplog.at_level(logging.INFO, logger="rpowatch.service"):
+        _log_transitions(result)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == LOGGED_TRANSITIONS + 1
+    assert all(line.startswith("alert ") and "'vm': 'vm" in line for line in lines[:-1])
+    assert lines[-1].startswith("and 40 more alert transitions: ") and "fired" in lines[-1]
