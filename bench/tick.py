@@ -268,7 +268,8 @@ def build_state(vms: int, vms_per_cluster: int, now_ms: int = NOW0_MS) -> state.
     for table, schema in ((replication, state.REPLICATION_SCHEMA), (backup, state.BACKUP_SCHEMA), (nodes, state.NODE_SCHEMA)):
         if table.schema != schema:
             raise AssertionError(f"schema drift: {table.schema} != {schema}")
-    return state.FleetState(replication=replication, backup=backup, nodes=nodes)
+    # One chunk per column, as the engine keeps its tables (apply compacts them).
+    return state.FleetState(replication=replication.rechunk(), backup=backup.rechunk(), nodes=nodes.rechunk())
 
 
 def replication_batch(fleet: state.FleetState, size: int, now_ms: int, seed: int) -> pl.DataFrame:
