@@ -138,6 +138,7 @@ def _slow_read(
     indices: list[int] = []
     lines: list[bytes] = []
     rejects: list[tuple[int, str, str]] = []
+    text_fields = _text_fields(stream)
     for index, payload in enumerate(payloads):
         if len(payload) > limits.max_payload_bytes:
             rejects.append(
@@ -155,7 +156,7 @@ def _slow_read(
         if not isinstance(value, dict):
             rejects.append((index, NOT_OBJECT, f"{NOT_OBJECT}: a JSON {type(value).__name__}"))
             continue
-        not_text = [name for name in _text_fields(stream) if value.get(name) is not None and not isinstance(value[name], str)]
+        not_text = [name for name in text_fields if value.get(name) is not None and not isinstance(value[name], str)]
         if not_text:
             rejects.append((index, WRONG_TYPE, f"{WRONG_TYPE}: {not_text[0]} must be a string"))
             continue
