@@ -17,21 +17,10 @@ import polars as pl
 
 from ingest.contracts import Stream
 from rules import lifecycle, state
+from rules.describe import ANNOTATION_SCHEMA, IDENTITY_SCHEMA, Describer, Details, compact, empty_store, entity_hash
 from rules.pack import RulePack
 from rules.policy import DEFAULT_POLICY, Policy
-from rules.describe import (
-    ANNOTATION_SCHEMA,
-    IDENTITY_SCHEMA,
-    LABEL_SEPARATOR,
-    Describer,
-    Details,
-    compact,
-    empty_store,
-    entity_hash,
-)
 from rules.views import ENTITIES, NEEDS_LINK, ROW, Aggregates, ViewParams, Views, build_views, empty_views, summarise
-
-__all__ = ["LABEL_SEPARATOR", "Engine", "EngineSettings", "TickResult", "empty_result"]
 
 
 @dataclass(frozen=True)
