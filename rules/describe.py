@@ -80,8 +80,12 @@ class Describer:
         queries = []
         for (rule,), part in rows.group_by("rule"):
             index = cast(int, rule)
+            exprs = columns(index)
+            # The columns the expressions read, so that a view skips what they do not need
+            # (labels never need the VM's link figures).
+            read = set().union(*(e.meta.root_names() for e in exprs))
             entity = self.rules[index].spec.entity
-            queries.append(views.lazy(entity, rows=part.get_column("row")).select(columns(index)))
+            queries.append(views.lazy(entity, read, rows=part.get_column("row").sort()).select(exprs))
         return pl.concat(pl.collect_all(queries))
 
     def _identity(self, index: int) -> list[pl.Expr]:
