@@ -176,6 +176,7 @@ def build_state(vms: int, vms_per_cluster: int, now_ms: int = NOW0_MS) -> state.
             pl.col("status_since_ms").alias("status_event_ms"),
             state.link_key().alias("link_key"),
             state.vm_key().alias("vm_key"),
+            state.identity_key(state.REPLICATION_IDENTITY),
         )
         .select(state.REPLICATION_SCHEMA.names())
         .cast(state.REPLICATION_SCHEMA)
@@ -223,6 +224,7 @@ def build_state(vms: int, vms_per_cluster: int, now_ms: int = NOW0_MS) -> state.
             pl.lit(0.0).alias("retention_weekly"),
             pl.lit(6.0).alias("retention_monthly"),
             pl.lit(7.0).alias("retention_yearly"),
+            state.identity_key(state.BACKUP_IDENTITY),
         )
         .select(state.BACKUP_SCHEMA.names())
         .cast(state.BACKUP_SCHEMA)

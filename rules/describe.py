@@ -18,7 +18,7 @@ from typing import cast
 import polars as pl
 
 from rules.pack import CompiledRule
-from rules.views import ENTITIES, ROW, Views
+from rules.views import ENTITIES, ROW, Views, identity
 
 LABEL_SEPARATOR = "\x1f"
 
@@ -42,15 +42,11 @@ def rule_salt(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
-def entity_hash(labels: tuple[str, ...]) -> pl.Expr:
-    """A 64-bit hash of an entity's identity labels. Alert ids are this, mixed with the rule's
-    salt: two different alerts share an id with probability about n²/2⁶⁵ (n alerts), which at
-    a million standing alerts is 3 in 100 million."""
-    return pl.struct([pl.col(c).cast(pl.String) for c in labels]).hash()
-
-
-def alert_id(labels: tuple[str, ...], salt: int) -> pl.Expr:
-    return (entity_hash(labels) ^ pl.lit(salt, dtype=pl.UInt64)).alias("alert_id")
+def alert_id(entity: str, salt: int) -> pl.Expr:
+    """An alert's id: the hash of its entity's identity labels (views.identity) mixed with the
+    rule's salt. Two different alerts share an id with probability about n²/2⁶⁵ (n alerts),
+    which at a million standing alerts is 3 in 100 million."""
+    return (identity(entity) ^ pl.lit(salt, dtype=pl.UInt64)).alias("alert_id")
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ class Describer:
         key = pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in label_cols], separator=LABEL_SEPARATOR)
         cluster = pl.col("hci_cluster") if "hci_cluster" in label_cols else pl.lit(None, dtype=pl.String)
         return [
-            alert_id(label_cols, self.salts[index]),
+            alert_id(spec.entity, self.salts[index]),
             pl.lit(spec.alert).alias("alertname"),
             key.alias("alert_key"),
             cluster.alias("hci_cluster"),
@@ -112,7 +108,7 @@ class Describer:
     def _annotations(self, index: int) -> list[pl.Expr]:
         rule = self.rules[index]
         text = pl.struct([expr.alias(key) for key, expr in rule.annotations.items()]).struct.json_encode()
-        return [alert_id(ENTITIES[rule.spec.entity].labels, self.salts[index]), text.alias("annotations")]
+        return [alert_id(rule.spec.entity, self.salts[index]), text.alias("annotations")]
 
 
 def _latest(frame: pl.DataFrame, ids: pl.Series) -> pl.DataFrame:

@@ -73,6 +73,9 @@ REPLICATION_SCHEMA = pl.Schema(
         "failover_test_max_age_s": pl.Float64(),
         # Hash of (cluster_id, target_id): joins and groups per link on an integer, not strings.
         "link_key": pl.UInt64(),
+        # Hash of the VM's identity labels (`REPLICATION_IDENTITY`): what its alert ids are
+        # made from, kept per row so that a tick hashes no strings (see `identity_key`).
+        "identity_key": pl.UInt64(),
         # Sliding-window cycle counters (see WindowCounters): index of the current window
         # bucket, and completed / missed cycles in it and in the one before.
         "window_bucket": MS(),
@@ -88,6 +91,7 @@ BACKUP_SCHEMA = pl.Schema(
         "vm_id": pl.String(),
         "vm_key": pl.UInt64(),  # hash of vm_id, as in REPLICATION_SCHEMA
         "cluster_id": pl.String(),
+        "identity_key": pl.UInt64(),  # hash of the identity labels (`BACKUP_IDENTITY`)
         "first_seen_ms": MS(),
         "last_event_ms": MS(),
         "last_success_ms": MS(),
@@ -202,6 +206,23 @@ def drop_seen(
 
 def link_key() -> pl.Expr:
     return pl.concat_str([pl.col("cluster_id"), pl.col("target_id")], separator="\x1f").hash()
+
+
+# The identity labels of the per-VM entities (rules.views.ENTITIES), as label ← state column.
+REPLICATION_IDENTITY = (("vm", "vm_id"), ("hci_cluster", "cluster_id"), ("target", "target_id"), ("technology", "technology"))
+BACKUP_IDENTITY = (("vm", "vm_id"), ("hci_cluster", "cluster_id"))
+
+
+def identity_hash(columns: list[pl.Expr]) -> pl.Expr:
+    """A 64-bit hash of an entity's identity label values, in label order. The one definition
+    of it: alert ids are this xor a rule's salt (rules.describe), computed either from a view's
+    label columns or, for the per-VM entities, stored per row (`identity_key`)."""
+    return pl.struct([c.cast(pl.String) for c in columns]).hash()
+
+
+def identity_key(identity: tuple[tuple[str, str], ...]) -> pl.Expr:
+    """The `identity_key` column of a VM table, from its state columns."""
+    return identity_hash([pl.col(column).alias(label) for label, column in identity]).alias("identity_key")
 
 
 def vm_key() -> pl.Expr:
@@ -370,6 +391,7 @@ def apply_replication(
     matched = pl.col(_POLICY)
     merged = merged.with_columns(first_match(policies, columns).alias(_POLICY)).with_columns(
         link_key().alias("link_key"),
+        identity_key(REPLICATION_IDENTITY),
         resolve_matched(policies, matched, "replication_rpo_seconds", twice_interval).alias("rpo_target_s"),
         resolve_matched(
             policies, matched, "failover_test_max_age_seconds", pl.lit(DEFAULT_POLICY.failover_test_max_age_seconds)
@@ -549,6 +571,7 @@ def apply_backup(
     columns = set(merged.columns)
     matched = pl.col(_POLICY)
     merged = merged.with_columns(first_match(policies, columns).alias(_POLICY)).with_columns(
+        identity_key(BACKUP_IDENTITY),
         resolve_matched(policies, matched, "backup_rpo_seconds", pl.lit(DEFAULT_POLICY.backup_rpo_seconds)).alias(
             "backup_rpo_s"
         ),
