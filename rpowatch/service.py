@@ -30,9 +30,9 @@ from exporters.history.runtime import HistoryRuntime
 from exporters.http import bound_port, make_app, start_http
 from exporters.metrics import RpowatchCollector, make_evaluation_histogram
 from exporters.snapshot import SelfCounters, Snapshot, SnapshotHolder
-from ingest.adapters import CANONICAL, adapt_and_decode, build_adapters
+from ingest.adapters import CANONICAL, StreamOutcome, adapt_and_decode, build_adapters
 from ingest.contracts import Stream
-from ingest.decode import DecodeLimits, decode_batch
+from ingest.decode import DecodeLimits, Decoded, decode_batch
 from ingest.health import SourceHealth, source_health_frame
 from ingest.source import Batch, DeadLetterSink, PartitionedSource, Source
 from rpowatch.config import Settings
@@ -95,6 +95,9 @@ class Service:
             max_future_skew_ms=int(self.settings.evaluation.max_future_skew * 1000),
         )
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rpowatch-cpu")
+        # Decoding has its own thread: it runs a batch ahead of the engine (see `_consume`) and
+        # never makes a tick wait for a free worker.
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rpowatch-decode")
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -159,6 +162,7 @@ class Service:
         if self.history is not None:
             await asyncio.to_thread(self.history.close)  # writes the unfinished interval
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._decoder.shutdown(wait=True, cancel_futures=True)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
@@ -195,20 +199,54 @@ class Service:
     # --- ingest ------------------------------------------------------------------------------
 
     async def _consume(self, source: Source) -> None:
-        async for batch in source.batches():
-            await self.handle(batch)
-            await source.commit(batch)
+        """Batches of one source, decoded, applied and committed in order. Decoding runs one
+        batch ahead, on its own thread, while the batch before it is applied: on 2 cores the
+        two stages overlap instead of taking turns (bench/ingest). At most three batches are in
+        the pipeline: one being applied, one decoded and waiting, one being decoded."""
+        decoded: asyncio.Queue[tuple[Batch, asyncio.Future[Decoded | list[StreamOutcome]]]] = asyncio.Queue(maxsize=1)
+
+        async def apply_in_order() -> None:
+            while True:
+                batch, decoding = await decoded.get()
+                await self._apply(batch, await decoding)
+                await source.commit(batch)
+
+        applier = asyncio.create_task(apply_in_order(), name=f"apply-{source.name}")
+        try:
+            async for batch in source.batches():
+                queued = asyncio.ensure_future(decoded.put((batch, asyncio.ensure_future(self._decode(batch)))))
+                await asyncio.wait({queued, applier}, return_when=asyncio.FIRST_COMPLETED)
+                if applier.done():
+                    queued.cancel()
+                    applier.result()  # raises what stopped it
+        finally:
+            applier.cancel()
+            await asyncio.gather(applier, return_exceptions=True)
 
     async def handle(self, batch: Batch) -> None:
         """Decode, apply and dead-letter one batch (steps 1–3 above)."""
+        await self._apply(batch, await self._decode(batch))
+
+    async def _decode(self, batch: Batch) -> Decoded | list[StreamOutcome]:
+        """Step 1, off the event loop: the batch's valid events and rejects per stream."""
+        loop = asyncio.get_running_loop()
+        if batch.format != CANONICAL:
+            adapter = self._adapters[batch.format]  # formats are validated with the configuration
+            outcomes, ignored = await loop.run_in_executor(self._decoder, adapt_and_decode, adapter, batch, self._limits)
+            if ignored:
+                logger.debug("%d %s records from %s carry nothing rpowatch models", ignored, batch.format, batch.source)
+            return outcomes
+        return await loop.run_in_executor(
+            self._decoder, decode_batch, batch.stream, batch.payloads, batch.received_at_ms, self._limits
+        )
+
+    async def _apply(self, batch: Batch, decoded: Decoded | list[StreamOutcome]) -> None:
+        """Steps 2–3: apply the valid events, count, and dead-letter the rejects."""
         loop = asyncio.get_running_loop()
         self.counters.mark_source_event(batch.source, time.time())
-        if batch.format != CANONICAL:
-            await self._handle_adapted(batch)
+        if isinstance(decoded, list):
+            await self._apply_adapted(batch, decoded)
             return
-        decoded = await loop.run_in_executor(
-            self._executor, decode_batch, batch.stream, batch.payloads, batch.received_at_ms, self._limits
-        )
         partitioned = self._partitioned.get(batch.source)
         if partitioned is not None:  # notes where the instances came from; holds rebuilding ones
             await partitioned.before_apply(batch, decoded.valid, decoded.rejects)
@@ -226,18 +264,12 @@ class Service:
             logger.debug("%d invalid %s records from %s", decoded.rejects.height, batch.stream.value, batch.source)
             await self._dead_letter(batch, decoded.rejects)
 
-    async def _handle_adapted(self, batch: Batch) -> None:
-        """Steps 1–3 for a batch in a real telemetry format: its adapter and the decoder run off
-        the event loop (ingest.adapters.adapt_and_decode) and yield, per stream, valid events and
-        the rejected source records, which are then applied, counted and dead-lettered exactly
+    async def _apply_adapted(self, batch: Batch, outcomes: list[StreamOutcome]) -> None:
+        """Steps 2–3 for a batch in a real telemetry format: its adapter and the decoder ran off
+        the event loop (ingest.adapters.adapt_and_decode) and yielded, per stream, valid events
+        and the rejected source records, which are applied, counted and dead-lettered exactly
         like a canonical batch's."""
         loop = asyncio.get_running_loop()
-        adapter = self._adapters[batch.format]  # formats are validated with the configuration
-        outcomes, ignored = await loop.run_in_executor(
-            self._executor, adapt_and_decode, adapter, batch, self._limits
-        )
-        if ignored:
-            logger.debug("%d %s records from %s carry nothing rpowatch models", ignored, batch.format, batch.source)
         partitioned = self._partitioned.get(batch.source)
         now_ms = int(self.clock() * 1000)
         for outcome in outcomes:
