@@ -129,6 +129,7 @@ class Engine:
         # The previous tick's views and active alerts: where alerts that stop being true now
         # get their last annotations from.
         self._previous: tuple[Views, pl.DataFrame] | None = None
+        self._clock_ms = 0  # the time of the tick being evaluated
         self._by_entity: dict[str, list[int]] = {}
         for index, r in enumerate(rules):
             self._by_entity.setdefault(r.spec.entity, []).append(index)
@@ -203,6 +204,7 @@ class Engine:
             active = self._active(views, held)
             clock.lap("conditions")
             alerts = self.alerts
+            self._clock_ms = now_ms
             if held:
                 # Held instances' alerts neither fire nor resolve; their rows found no matches.
                 is_held = pl.col("hci_cluster").is_in(held).fill_null(False)
@@ -298,9 +300,18 @@ class Engine:
         self._labels = compact(pl.concat([self._labels, identities]), self.alerts)
         if self._previous is not None:
             views, was_active = self._previous
-            ended = was_active.filter(~pl.col("alert_id").is_in(active.get_column("alert_id").implode()))
+            # True at the previous tick and not now: the lifecycle left their last true time
+            # at that tick's (alerts true now have now's). A filter on one integer column, not
+            # a membership test of every alert true before against every alert true now; the
+            # latter only when the clock did not move.
+            if views.now_ms < self._clock_ms:
+                ended = self.alerts.filter(pl.col("last_true_ms") == views.now_ms).get_column("alert_id")
+            else:
+                still = pl.col("alert_id").is_in(active.get_column("alert_id").implode())
+                ended = was_active.filter(~still).get_column("alert_id")
             if not ended.is_empty():
-                self._stored = pl.concat([self._stored, self._describer.annotations(views, ended)])
+                rows = was_active.filter(pl.col("alert_id").is_in(ended.implode()))
+                self._stored = pl.concat([self._stored, self._describer.annotations(views, rows)])
         self._stored = compact(self._stored, self.alerts)
 
     def _identify(self, changes: pl.DataFrame) -> pl.DataFrame:
