@@ -19,6 +19,22 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+def settled_rss_bytes(timeout_s: float = 30.0, step_s: float = 1.0) -> int:
+    """Resident set size once it has stopped falling: polars' allocator (jemalloc) hands freed
+    pages back to the system after a decay of about 10 s, so right after a burst of work the
+    RSS still counts memory the process no longer holds. Polled every `step_s` until two
+    readings agree within 1 MiB, at most `timeout_s`."""
+    previous = rss_bytes()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(step_s)
+        current = rss_bytes()
+        if abs(previous - current) < 2**20:
+            return current
+        previous = current
+    return previous
+
+
 def ms(seconds: float) -> float:
     return seconds * 1000.0
 

@@ -28,7 +28,7 @@ from typing import Any
 import polars as pl
 import yaml
 
-from bench._common import machine_line, ms, rss_bytes, summary, timed, uniform
+from bench._common import machine_line, ms, rss_bytes, settled_rss_bytes, summary, timed, uniform
 from ingest.contracts import SCHEMAS, Stream
 from rpowatch import simulator
 from rules import state
@@ -607,6 +607,13 @@ def run_size(args: argparse.Namespace) -> dict[str, Any]:
     del first
 
     ticks, bases, filters, now = time_ticks(engine, args.warmup, args.repeats, NOW0_MS + TICK_STEP_MS)
+    # What the process keeps between ticks (state, alert table, the last result held), once the
+    # allocator has returned what the ticks freed.
+    held = engine.tick(now)
+    now += TICK_STEP_MS
+    gc.collect()
+    rss_settled = settled_rss_bytes()
+    del held
     tick = summary(ticks)
     base = summary(bases)
     base_filter = summary(filters)
@@ -630,6 +637,8 @@ def run_size(args: argparse.Namespace) -> dict[str, Any]:
         "rss_state_mb": rss_state / 2**20,
         "rss_after_tick_mb": rss_tick / 2**20,
         "bytes_per_vm_rss": (rss_tick - rss_before) / vms,
+        "rss_settled_mb": rss_settled / 2**20,
+        "bytes_per_vm_rss_settled": (rss_settled - rss_before) / vms,
         "bytes_per_vm_state_rss": (rss_state - rss_before) / vms,
         "bytes_per_vm_tables": table_bytes / vms,
     }
@@ -647,11 +656,16 @@ def run_size(args: argparse.Namespace) -> dict[str, Any]:
             window_ms = int(engine.settings.dedupe_window_s * 1000)
             rows = int(rate * window_ms / 1000)
             log(f"[{vms:,} VMs] timing apply with a steady-state dedupe table of {rows:,} ids")
+            gc.collect()
+            rss_unseen = settled_rss_bytes()
             seen = seen_table(rows, now, window_ms)
+            gc.collect()
+            rss_seen = settled_rss_bytes()
             result["apply_steady_seen"] = {
                 **time_apply(engine, args.apply_repeats, args.batch, now, seen),
                 "seen_rows": rows,
                 "seen_bytes_per_vm": seen.estimated_size() / vms,
+                "seen_bytes_per_vm_rss": (rss_seen - rss_unseen) / vms,
             }
             del seen
     return result
@@ -667,15 +681,17 @@ def log(message: str) -> None:
 def fmt_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| VMs | instances | nodes | links | tick median ms | tick p90 ms | ms per 100k VMs "
-        "| baseline max ms | tick / max | baseline filter ms | tick / filter | RSS B/VM | tables B/VM |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| baseline max ms | tick / max | baseline filter ms | tick / filter | RSS B/VM | RSS settled B/VM "
+        "| tables B/VM |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         t, b, f = r["tick"], r["baseline"], r["baseline_filter"]
         lines.append(
             f"| {r['vms']:,} | {r['clusters']:,} | {r['nodes']:,} | {r['links']:,} | {t['median_ms']:.1f} "
             f"| {t['p90_ms']:.1f} | {r['ms_per_100k_vms']:.1f} | {b['median_ms']:.3f} | {r['ratio']:.0f} "
-            f"| {f['median_ms']:.1f} | {r['ratio_filter']:.1f} | {r['bytes_per_vm_rss']:.0f} | {r['bytes_per_vm_tables']:.0f} |"
+            f"| {f['median_ms']:.1f} | {r['ratio_filter']:.1f} | {r['bytes_per_vm_rss']:.0f} "
+            f"| {r['bytes_per_vm_rss_settled']:.0f} | {r['bytes_per_vm_tables']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -704,7 +720,8 @@ def print_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['vms']:,} VMs: build {r['build_s']:.1f} s, first tick {r['first_tick_ms']:.0f} ms, "
             f"alerts {r['alerts_after_first_tick']:,} -> {r['alerts_after_last_tick']:,}; RSS {r['rss_before_mb']:.0f} MiB "
             f"-> {r['rss_state_mb']:.0f} MiB (state built, {r['bytes_per_vm_state_rss']:.0f} B/VM) -> "
-            f"{r['rss_after_tick_mb']:.0f} MiB (after one tick, its result held: {r['bytes_per_vm_rss']:.0f} B/VM)"
+            f"{r['rss_after_tick_mb']:.0f} MiB (after one tick, its result held: {r['bytes_per_vm_rss']:.0f} B/VM); "
+            f"after the timed ticks, settled: {r['rss_settled_mb']:.0f} MiB ({r['bytes_per_vm_rss_settled']:.0f} B/VM)"
         )
         if "apply" in r:
             print(_apply_line(f"Engine.apply, {args.batch:,} replication events, empty dedupe table", r["apply"]))
@@ -713,7 +730,7 @@ def print_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             print(
                 _apply_line(
                     f"Engine.apply, dedupe table at steady state ({a['seen_rows']:,} ids, "
-                    f"{a['seen_bytes_per_vm']:.0f} B/VM by estimated_size)",
+                    f"{a['seen_bytes_per_vm']:.0f} B/VM by estimated_size, {a['seen_bytes_per_vm_rss']:.0f} B/VM of RSS)",
                     a,
                 )
             )
