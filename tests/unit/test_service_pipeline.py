@@ -1,0 +1,109 @@
+"""Service._consume: decoding runs a batch ahead, applying and committing stay in order."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+
+from ingest.contracts import Stream
+from ingest.deadletter import MemoryDeadLetterSink
+from ingest.source import Batch
+from rpowatch.config import Settings
+from rpowatch.loading import load_rule_packs
+from rpowatch.service import Service
+
+
+class ListSource:
+    """A source of a fixed list of batches; records what was committed, in order."""
+
+    name = "list"
+    up = True
+
+    def __init__(self, count: int) -> None:
+        self.sent = [Batch(self.name, Stream.REPLICATION, [f"{n}".encode()], ["t"], [0], [n], 0) for n in range(count)]
+        self.committed: list[int] = []
+        self.all_committed = asyncio.Event()
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        for batch in self.sent:
+            yield batch
+        await asyncio.Event().wait()  # a source waits for more; it never ends by itself
+
+    async def commit(self, batch: Batch) -> None:
+        self.committed.append(batch.offsets[0])
+        if len(self.committed) == len(self.sent):
+            self.all_committed.set()
+
+    async def close(self) -> None:
+        pass
+
+
+def service() -> Service:
+    settings = Settings(http={"port": 0})
+    return Service(settings, load_rule_packs(settings), [], MemoryDeadLetterSink())
+
+
+async def test_batches_are_applied_and_committed_in_order_while_the_next_is_decoded() -> None:
+    svc, source = service(), ListSource(12)
+    rng = random.Random(3)
+    events: list[tuple[str, int]] = []
+    decoding = 0
+    overlapped = 0
+
+    async def decode(batch: Batch) -> object:
+        nonlocal decoding
+        decoding += 1
+        events.append(("decode", batch.offsets[0]))
+        await asyncio.sleep(rng.uniform(0, 0.01))  # later batches may finish decoding first
+        decoding -= 1
+        return batch.offsets[0]
+
+    async def apply(batch: Batch, decoded: object) -> None:
+        nonlocal overlapped
+        assert decoded == batch.offsets[0]
+        overlapped += decoding > 0  # the next batch is being decoded meanwhile
+        events.append(("apply", batch.offsets[0]))
+        await asyncio.sleep(rng.uniform(0, 0.01))
+
+    svc._decode = decode  # type: ignore[method-assign]
+    svc._apply = apply  # type: ignore[method-assign]
+    consuming = asyncio.create_task(svc._consume(source))  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(source.all_committed.wait(), 10)
+    finally:
+        consuming.cancel()
+        await asyncio.gather(consuming, return_exceptions=True)
+        svc._executor.shutdown()
+        svc._decoder.shutdown()
+    assert source.committed == list(range(12))
+    assert [n for what, n in events if what == "apply"] == list(range(12))
+    # Each batch is decoded before it is applied, and at most two batches ahead of the applied ones.
+    for n in range(12):
+        assert events.index(("decode", n)) < events.index(("apply", n))
+        if n >= 3:
+            assert events.index(("decode", n)) > events.index(("apply", n - 3))
+    assert overlapped > 0
+
+
+async def test_a_failing_apply_stops_consuming_with_its_error() -> None:
+    svc, source = service(), ListSource(5)
+
+    async def decode(batch: Batch) -> object:
+        return None
+
+    async def apply(batch: Batch, decoded: object) -> None:
+        if batch.offsets[0] == 2:
+            raise RuntimeError("engine failed")
+
+    svc._decode = decode  # type: ignore[method-assign]
+    svc._apply = apply  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="engine failed"):
+            await asyncio.wait_for(svc._consume(source), 10)  # type: ignore[arg-type]
+    finally:
+        svc._executor.shutdown()
+        svc._decoder.shutdown()
+    assert source.committed == [0, 1]  # nothing after the failed batch is committed
