@@ -317,9 +317,10 @@ async def run(args: argparse.Namespace) -> None:
                   + ", ".join([*(f"{k} {v:.2f} s" for k, v in parts.seconds.items()),
                                *(f"{k} {v:,}" for k, v in parts.counts.items())]))
             if args.serial:
+                cpu3 = cpu_seconds()
                 piped.append(await serial_round(broker.bootstrap, topic, args.records, f"bench-s{n}-{time.time_ns()}"))
                 print(f"  serial (no decode ahead): {args.records / piped[-1]:,.0f} records/s "
-                      f"({piped[-1]:.2f} s), ratio {raw[-1] / piped[-1]:.2f}")
+                      f"({piped[-1]:.2f} s, CPU {cpu_seconds() - cpu3:.1f} s), ratio {raw[-1] / piped[-1]:.2f}")
         raw_rate = args.records / statistics.median(raw)
         our_rate = args.records / statistics.median(ours)
         print()
