@@ -263,6 +263,7 @@ def test_a_backup_arriving_for_an_unprotected_vm_resolves_it() -> None:
     feed(e, Stream.REPLICATION, [rep("a", T0, T0, vm="vm1"), rep("b", T0, T0, vm="vm2")], T0)
     feed(e, Stream.BACKUP, [bk("s", T0, "succeeded", rp=T0, vm="vm2")], T0)
     assert firing(e.tick(T0 + 61 * S), "VMUnprotected") == {"vm1"}
-    # Only the backup table grows: the VM is found in it past the rows its key index covers.
+    # Only the backup table grows: the VM's backup is a row the pairing made with the
+    # aggregates does not cover, so it is looked up.
     feed(e, Stream.BACKUP, [bk("b", T0 + 62 * S, "succeeded", rp=T0 + 62 * S, vm="vm1")], T0 + 62 * S)
     assert states(e.tick(T0 + 63 * S), "VMUnprotected") == {"vm1": "resolved"}
