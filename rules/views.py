@@ -477,16 +477,19 @@ def summarise(state: FleetState, now_ms: int) -> Aggregates:
 
 def _links(aggregates: Aggregates, clusters: pl.DataFrame, params: ViewParams) -> pl.DataFrame:
     """Per replication link: the throughput its VMs need to keep up, against its capacity."""
-    declared = pl.DataFrame(
-        list(params.link_capacity_bytes_per_s),
-        schema={"hci_cluster": pl.String, "target": pl.String, "declared_capacity": pl.Float64},
-        orient="row",
-    )
+    links = aggregates.links.lazy()
+    if params.link_capacity_bytes_per_s:
+        declared = pl.DataFrame(
+            list(params.link_capacity_bytes_per_s),
+            schema={"hci_cluster": pl.String, "target": pl.String, "declared_capacity": pl.Float64},
+            orient="row",
+        )
+        links = links.join(declared.lazy(), on=["hci_cluster", "target"], how="left", maintain_order="left")
+    else:  # the usual case: no join of every link with an empty table at every tick
+        links = links.with_columns(pl.lit(None, dtype=pl.Float64).alias("declared_capacity"))
     capacity = pl.coalesce("declared_capacity", "net_capacity_bytes_per_s")
     return (
-        aggregates.links.lazy()
-        .join(declared.lazy(), on=["hci_cluster", "target"], how="left", maintain_order="left")
-        .join(
+        links.join(
             clusters.lazy().select("hci_cluster", "net_capacity_bytes_per_s", "replication_bytes_per_s"),
             on="hci_cluster",
             how="left",
