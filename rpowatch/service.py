@@ -13,6 +13,7 @@ Per batch, in this order (at-least-once; every step is idempotent on replay):
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import functools
 import json
 import logging
@@ -255,8 +256,8 @@ class Service:
             self._executor, self.engine.apply, batch.stream, decoded.valid, now_ms, batch.source
         )
         self.counters.count_events(batch.stream.value, batch.source, decoded.valid.height)
-        self._health.record(
-            batch.source, batch.stream.value, decoded.valid.height, decoded.rejects.height, now_ms
+        self._health.record_batch(
+            batch.source, batch.stream.value, batch.partitions, decoded.rejects.get_column("index"), now_ms
         )
         if decoded.rejects.height:
             for reason, count in decoded.rejects.group_by("reason").len().iter_rows():
@@ -278,7 +279,12 @@ class Service:
                 await partitioned.before_apply(outcome.decoded, outcome.valid, outcome.decoded_rejects)
             await loop.run_in_executor(self._executor, self.engine.apply, stream, outcome.valid, now_ms, batch.source)
             self.counters.count_events(stream.value, batch.source, outcome.valid.height)
-            self._health.record(batch.source, stream.value, outcome.valid.height, outcome.rejects.height, now_ms)
+            # By partition: the records of the valid events, and the rejected source records.
+            made = outcome.decoded.partitions
+            accepted = Counter(made) - Counter(made[i] for i in outcome.decoded_rejects.get_column("index"))
+            letters = outcome.dead_letters.partitions
+            rejected = Counter(letters[i] for i in outcome.rejects.get_column("index"))
+            self._health.record_counts(batch.source, stream.value, accepted, rejected, now_ms)
             if outcome.rejects.height:
                 for reason, count in outcome.rejects.group_by("reason").len().iter_rows():
                     self.counters.count_invalid(stream.value, reason, count)

@@ -54,6 +54,7 @@ ENTITIES: dict[str, Entity] = {
         Entity("service_group", ("service_group", "hci_cluster"), "the VMs of one application"),
         Entity("source", ("source",), "one ingest source (Kafka, MQTT)"),
         Entity("source_stream", ("source", "stream"), "one stream of one source"),
+        Entity("source_partition", ("source", "stream", "partition"), "one partition of a stream (Kafka)"),
     )
 }
 
@@ -62,6 +63,7 @@ SOURCES_SCHEMA = pl.Schema(
     {
         "source": pl.String(),
         "stream": pl.String(),
+        "partition": pl.Int32(),  # null for sources without partitions
         "up": pl.Boolean(),
         "last_event_ms": pl.Int64(),
         "accepted_recent": pl.Int64(),
@@ -257,25 +259,50 @@ def _backup(state: FleetState, now_ms: int, rows: pl.Series | None = None) -> pl
     )
 
 
-def source_views(sources: pl.DataFrame, now_ms: int, params: ViewParams) -> tuple[pl.DataFrame, pl.DataFrame]:
-    per_stream = sources.select(
-        "source",
-        "stream",
-        "up",
-        _seconds_since(now_ms, "last_event_ms").alias("seconds_since_last_event"),
-        "accepted_recent",
-        "rejected_recent",
-        (pl.col("rejected_recent") / (pl.col("accepted_recent") + pl.col("rejected_recent")))
-        .fill_nan(0.0)
-        .fill_null(0.0)
-        .alias("rejected_ratio"),
+def source_views(
+    sources: pl.DataFrame, now_ms: int, params: ViewParams
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Per source, per stream of a source, and per partition of a stream (`sources` has a row per
+    partition; sources without partitions have one row per stream, partition null)."""
+
+    def with_ratio(frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.with_columns(
+            (pl.col("rejected_recent") / (pl.col("accepted_recent") + pl.col("rejected_recent")))
+            .fill_nan(0.0)
+            .fill_null(0.0)
+            .alias("rejected_ratio")
+        )
+
+    since = _seconds_since(now_ms, "last_event_ms").alias("seconds_since_last_event")
+    per_partition = with_ratio(
+        sources.select(
+            "source",
+            "stream",
+            "partition",
+            # How an operator names the feed: "kafka replication partition 3", "mqtt heartbeat".
+            pl.concat_str(
+                "source", pl.lit(" "), "stream", pl.lit(" partition ") + pl.col("partition").cast(pl.String), ignore_nulls=True
+            ).alias("feed"),
+            "up",
+            since,
+            "accepted_recent",
+            "rejected_recent",
+        )
+    )
+    per_stream = with_ratio(
+        sources.group_by("source", "stream", maintain_order=True).agg(
+            pl.col("up").all(),
+            _seconds_since(now_ms, pl.col("last_event_ms").max()).alias("seconds_since_last_event"),
+            pl.col("accepted_recent").sum(),
+            pl.col("rejected_recent").sum(),
+        )
     )
     per_source = sources.group_by("source").agg(
         pl.col("up").all().alias("up"),
         _seconds_since(now_ms, pl.col("last_event_ms").max()).alias("seconds_since_last_event"),
         pl.lit(params.ingest_stall_s).alias("ingest_stall_seconds"),
     )
-    return per_source, per_stream
+    return per_source, per_stream, per_partition
 
 
 def node_view(state: FleetState, now_ms: int, params: ViewParams, stalled_sources: list[str]) -> pl.DataFrame:
@@ -641,9 +668,9 @@ class Views:
         params, now_ms = self._params, self.now_ms
         if entity in _PER_VM:
             return self.lazy(entity).drop(ROW, IDENTITY).collect(engine="streaming")
-        if entity in ("source", "source_stream"):
-            per_source, per_stream = source_views(self._sources, now_ms, params)
-            return per_source if entity == "source" else per_stream
+        if entity in ("source", "source_stream", "source_partition"):
+            per_source, per_stream, per_partition = source_views(self._sources, now_ms, params)
+            return {"source": per_source, "source_stream": per_stream, "source_partition": per_partition}[entity]
         if entity == "node":
             stalled = self.of("source").filter(pl.col("seconds_since_last_event") > params.ingest_stall_s)
             return node_view(self._state, now_ms, params, stalled.get_column("source").to_list())
@@ -708,6 +735,10 @@ class Views:
     @property
     def source_stream(self) -> pl.DataFrame:
         return self.of("source_stream")
+
+    @property
+    def source_partition(self) -> pl.DataFrame:
+        return self.of("source_partition")
 
 
 def build_views(

@@ -19,7 +19,10 @@ def test_registered_streams_appear_before_their_first_record() -> None:
     health.register("kafka", ["replication", "heartbeat"])
     frame = source_health_frame(health, {"kafka": True}, T0)
     assert frame.schema == SOURCE_HEALTH_SCHEMA
-    assert frame.rows() == [("kafka", "heartbeat", True, None, 0, 0), ("kafka", "replication", True, None, 0, 0)]
+    assert frame.rows() == [
+        ("kafka", "heartbeat", None, True, None, 0, 0),
+        ("kafka", "replication", None, True, None, 0, 0),
+    ]
 
 
 def test_counts_cover_the_last_five_minutes_and_expire() -> None:
@@ -31,7 +34,7 @@ def test_counts_cover_the_last_five_minutes_and_expire() -> None:
     frame = source_health_frame(health, {"kafka": False, "mqtt": True}, T0 + 4 * 60_000)
     rows = {(r["source"], r["stream"]): r for r in frame.iter_rows(named=True)}
     assert rows[("kafka", "replication")] == {
-        "source": "kafka", "stream": "replication", "up": False,
+        "source": "kafka", "stream": "replication", "partition": None, "up": False,
         "last_event_ms": T0 + 3 * 60_000, "accepted_recent": 95, "rejected_recent": 105,
     }
     assert rows[("mqtt", "heartbeat")]["up"] is True
@@ -59,6 +62,26 @@ def test_memory_is_bounded_by_buckets_not_batches() -> None:
     health = SourceHealth()
     for i in range(10_000):  # a batch every 100 ms for 1000 s
         health.record("kafka", "replication", accepted=1, rejected=0, at_ms=T0 + i * 100)
-    buckets = health._counts[("kafka", "replication")].buckets
+    buckets = health._counts[("kafka", "replication", None)].buckets
     assert len(buckets) <= WINDOW_MS // BUCKET_MS + 1
     assert health.recent("kafka", "replication", T0 + 10_000 * 100)[0] in range(2_900, 3_001)
+
+
+def test_counts_are_kept_per_partition_of_a_batch() -> None:
+    health = SourceHealth()
+    health.register("kafka", ["replication"])
+    # Records from partitions 0 and 2; the two from partition 2 at positions 3 and 4 rejected.
+    health.record_batch("kafka", "replication", [0, 0, 0, 2, 2, 2], rejected=[3, 4], at_ms=T0)
+    frame = source_health_frame(health, {"kafka": True}, T0)
+    assert frame.select("partition", "accepted_recent", "rejected_recent").rows() == [(0, 3, 0), (2, 1, 2)]
+    # The placeholder row of the registered stream went once partitions were seen.
+    assert frame.get_column("partition").null_count() == 0
+
+
+def test_a_source_without_partitions_keeps_one_row_per_stream() -> None:
+    health = SourceHealth()
+    health.register("mqtt", ["heartbeat"])
+    health.record_batch("mqtt", "heartbeat", [-1, -1, -1], rejected=[1], at_ms=T0)
+    assert source_health_frame(health, {}, T0).select("partition", "accepted_recent", "rejected_recent").rows() == [
+        (None, 2, 1)
+    ]

@@ -208,9 +208,10 @@ def test_source_clock_skew_from_heartbeat_time_versus_arrival() -> None:
     assert firing(result, "SourceClockSkew") == {"c1"}
 
 
-def sources(last_event_ms: int | None, accepted: int = 100, rejected: int = 0) -> pl.DataFrame:
-    return pl.DataFrame([{"source": "kafka", "stream": "heartbeat", "up": True, "last_event_ms": last_event_ms,
-                          "accepted_recent": accepted, "rejected_recent": rejected}], schema=SOURCES_SCHEMA)
+def sources(last_event_ms: int | None, accepted: int = 100, rejected: int = 0, partition: int | None = None) -> pl.DataFrame:
+    return pl.DataFrame([{"source": "kafka", "stream": "heartbeat", "partition": partition, "up": True,
+                          "last_event_ms": last_event_ms, "accepted_recent": accepted, "rejected_recent": rejected}],
+                        schema=SOURCES_SCHEMA)
 
 
 def test_ingest_stalled_holds_back_heartbeat_loss_of_that_source() -> None:
@@ -234,6 +235,26 @@ def test_ingest_mostly_rejected() -> None:
     assert firing(e.tick(T0, sources=sources(T0, accepted=100, rejected=20)), "IngestMostlyRejected") == set()
     assert firing(e.tick(T0 + S, sources=sources(T0, accepted=5, rejected=50)), "IngestMostlyRejected") == {"kafka"}
     assert states(e.tick(T0 + 2 * S, sources=sources(T0, accepted=50, rejected=5)), "IngestMostlyRejected") == {"kafka": "resolved"}
+
+
+def test_ingest_mostly_rejected_in_one_partition_while_the_topic_as_a_whole_is_fine() -> None:
+    e = engine()
+    healthy = [sources(T0, accepted=1000, rejected=10, partition=p) for p in (0, 1)]
+    broken = sources(T0, accepted=3, rejected=60, partition=2)  # one edge site's feed
+    feed = pl.concat([*healthy, broken])
+    result = e.tick(T0, sources=feed)
+    stream = result.views.source_stream.row(0, named=True)
+    assert stream["rejected_ratio"] < 0.05  # diluted below any threshold over the whole topic
+    assert {k: s for k, s in states_rows(result, "IngestMostlyRejected")} == {"kafka\x1fheartbeat\x1f2": "firing"}
+    (alert,) = result.with_details(result.firing()).iter_rows(named=True)
+    assert '"partition":"2"' in alert["labels"]
+    assert "kafka heartbeat partition 2: 60 of the last 5 minutes" in alert["annotations"]
+
+
+def test_a_feed_without_partitions_is_named_without_one() -> None:
+    result = engine().tick(T0, sources=sources(T0, accepted=5, rejected=50))
+    (alert,) = result.with_details(result.firing()).iter_rows(named=True)
+    assert "kafka heartbeat: 50 of the last 5 minutes" in alert["annotations"]
 
 
 def test_the_default_pack_is_the_whole_catalogue() -> None:
