@@ -165,6 +165,7 @@ class Engine:
                 fleet = replace(
                     fleet,
                     nodes=state.apply_heartbeats(fleet.nodes, fresh, source, self.settings.rolling_window_s),
+                    storage_paths=state.apply_storage(fleet.storage_paths, fresh),
                     clusters=state.apply_clock_skew(fleet.clusters, fresh),
                 )
             self.fleet = fleet

@@ -62,8 +62,8 @@ class RuleSpec(BaseModel):
 
     alert: str
     entity: Literal[
-        "vm_replication", "vm_backup", "vm", "node", "link", "cluster", "service_group", "source", "source_stream",
-        "source_partition",
+        "vm_replication", "vm_backup", "vm", "node", "link", "cluster", "service_group", "storage_path", "source",
+        "source_stream", "source_partition",
     ]
     condition: str = Field(min_length=1)
     for_seconds: Duration = Field(default=0.0, alias="for")

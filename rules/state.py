@@ -137,6 +137,23 @@ NODE_SCHEMA = pl.Schema(
     }
 )
 
+# Per storage path (volume) of an instance, as its nodes report it in heartbeats (`storage`). A
+# cluster-shared volume is reported by every node that sees it: the newest report wins, and at
+# the same instant the greatest node id, so the order of arrival never matters.
+STORAGE_PATH_SCHEMA = pl.Schema(
+    {
+        "cluster_id": pl.String(),
+        "path_id": pl.String(),
+        "node_id": pl.String(),  # the node whose report this is
+        "last_report_ms": MS(),
+        "capacity_bytes": MS(),
+        "free_bytes": MS(),
+        "iops_capacity": pl.Float64(),
+        "iops_used": pl.Float64(),
+        "online": pl.Boolean(),
+    }
+)
+
 # Per instance: how far event time is from arrival time, smoothed (heartbeats only: they are
 # samples of "now", unlike replayed or restated events).
 CLUSTER_SCHEMA = pl.Schema(
@@ -162,6 +179,7 @@ class FleetState:
     replication: pl.DataFrame = field(default_factory=lambda: _empty(REPLICATION_SCHEMA))
     backup: pl.DataFrame = field(default_factory=lambda: _empty(BACKUP_SCHEMA))
     nodes: pl.DataFrame = field(default_factory=lambda: _empty(NODE_SCHEMA))
+    storage_paths: pl.DataFrame = field(default_factory=lambda: _empty(STORAGE_PATH_SCHEMA))
     clusters: pl.DataFrame = field(default_factory=lambda: _empty(CLUSTER_SCHEMA))
     # Per stream: the event ids applied recently, with their instance (see rules/dedupe.py).
     seen: dict[str, SeenIds] = field(default_factory=dict)
@@ -295,6 +313,7 @@ def drop_clusters(fleet: FleetState, cluster_ids: list[str]) -> FleetState:
         replication=fleet.replication.filter(keep),
         backup=fleet.backup.filter(keep),
         nodes=fleet.nodes.filter(keep),
+        storage_paths=fleet.storage_paths.filter(keep),
         clusters=fleet.clusters.filter(keep),
         # The ids too: if the instance comes back, its replayed events must apply again.
         seen={stream: seen.drop_clusters(cluster_ids) for stream, seen in fleet.seen.items()},
@@ -668,6 +687,31 @@ def apply_heartbeats(
         .alias("iops_used_avg"),
     ).with_columns(_max_of("last_event_ms"))
     return merged.rename({"last_event_ms": "last_heartbeat_ms"}).select(NODE_SCHEMA.names())
+
+
+def apply_storage(table: pl.DataFrame, heartbeats: pl.DataFrame) -> pl.DataFrame:
+    """The storage paths after a batch of heartbeats: each report of a path replaces the one
+    held if it is newer (see STORAGE_PATH_SCHEMA). Heartbeats without a `storage` list leave
+    their paths as they were."""
+    if heartbeats.is_empty() or "storage" not in heartbeats.columns:
+        return table
+    reports = (
+        heartbeats.select("cluster_id", "node_id", _ms("ts").alias("last_report_ms"), "storage")
+        .explode("storage")
+        .drop_nulls("storage")
+        .unnest("storage")
+        .drop_nulls("path_id")
+        .select(STORAGE_PATH_SCHEMA.names())
+    )
+    if reports.is_empty():
+        return table
+    return (
+        pl.concat([table, reports.cast(STORAGE_PATH_SCHEMA)])
+        .sort("last_report_ms", "node_id", nulls_last=False)
+        .group_by("cluster_id", "path_id", maintain_order=True)
+        .last()
+        .select(STORAGE_PATH_SCHEMA.names())
+    )
 
 
 SKEW_SMOOTHING = 0.3  # weight of a new batch's median skew

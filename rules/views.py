@@ -52,6 +52,7 @@ ENTITIES: dict[str, Entity] = {
         Entity("link", ("hci_cluster", "target"), "replication link: source instance to target"),
         Entity("cluster", ("hci_cluster",), "one Azure Local instance"),
         Entity("service_group", ("service_group", "hci_cluster"), "the VMs of one application"),
+        Entity("storage_path", ("hci_cluster", "storage_path"), "one storage path (volume) of an instance"),
         Entity("source", ("source",), "one ingest source (Kafka, MQTT)"),
         Entity("source_stream", ("source", "stream"), "one stream of one source"),
         Entity("source_partition", ("source", "stream", "partition"), "one partition of a stream (Kafka)"),
@@ -353,6 +354,28 @@ def cluster_view(nodes: pl.DataFrame, state: FleetState, aggregates: Aggregates)
     )
 
 
+def storage_path_view(state: FleetState, now_ms: int, aggregates: Aggregates) -> pl.DataFrame:
+    """Per storage path: what its nodes last reported (capacity, free space, IOPS, online) and
+    how many replicated VMs keep their disks there. Paths only VMs name (no node reports them)
+    are listed too, with nulls for what a report would say."""
+    reported = state.storage_paths.select(
+        pl.col("cluster_id").alias("hci_cluster"),
+        pl.col("path_id").alias("storage_path"),
+        pl.col("node_id").alias("reported_by"),
+        _seconds_since(now_ms, "last_report_ms").alias("report_age_seconds"),
+        "capacity_bytes",
+        "free_bytes",
+        (pl.col("free_bytes") / pl.col("capacity_bytes")).alias("free_ratio"),
+        "iops_capacity",
+        "iops_used",
+        (1.0 - pl.col("iops_used") / pl.col("iops_capacity")).alias("iops_headroom_ratio"),
+        "online",
+    )
+    return reported.join(
+        aggregates.storage_vms, on=["hci_cluster", "storage_path"], how="full", coalesce=True
+    ).with_columns(pl.col("vms").fill_null(0))
+
+
 @dataclass(frozen=True, eq=False)
 class Pairing:
     """Which row of the backup table holds the same VM as each row of the replication table,
@@ -433,6 +456,7 @@ class Aggregates:
     computed_ms: int
     links: pl.DataFrame  # link_key, hci_cluster, target, needed_bytes_per_s, pending_bytes, vms
     service_groups: pl.DataFrame  # service_group, hci_cluster, vms, single_storage_path, storage_path
+    storage_vms: pl.DataFrame  # hci_cluster, storage_path, vms (replicated VMs whose disks are there)
     # Per VM row of `table`: its link's row in `links`. Rows keep their positions as the state
     # changes (apply appends new VMs and rewrites rows in place), so a later table reuses it
     # wherever its link key is still the one seen here (see `link_rows`).
@@ -493,13 +517,21 @@ def summarise(state: FleetState, now_ms: int) -> Aggregates:
         )
         .drop("sg_key")
     )
-    links_frame, groups_frame = pl.collect_all([links, groups])
+    storage = (
+        replication.lazy()
+        .filter(pl.col("storage_path_id").is_not_null())
+        .group_by(pl.col("cluster_id").alias("hci_cluster"), pl.col("storage_path_id").alias("storage_path"))
+        .agg(pl.len().alias("vms"))
+    )
+    links_frame, groups_frame, storage_frame = pl.collect_all([links, groups, storage])
     link_row = (
         replication.select("link_key")
         .join(links_frame.select("link_key").with_row_index("link_row"), on="link_key", how="left", maintain_order="left")
         .get_column("link_row")
     )
-    return Aggregates(replication, now_ms, links_frame, groups_frame, link_row, Pairing.of(replication, state.backup))
+    return Aggregates(
+        replication, now_ms, links_frame, groups_frame, storage_frame, link_row, Pairing.of(replication, state.backup)
+    )
 
 
 def _links(aggregates: Aggregates, clusters: pl.DataFrame, params: ViewParams) -> pl.DataFrame:
@@ -680,6 +712,8 @@ class Views:
             return _links(self._aggregates, self.of("cluster"), params)
         if entity == "service_group":
             return self._aggregates.service_groups
+        if entity == "storage_path":
+            return storage_path_view(self._state, now_ms, self._aggregates)
         if entity == "vm":
             return _vm(self._state, now_ms, self._aggregates)
         raise KeyError(entity)
@@ -727,6 +761,10 @@ class Views:
     @property
     def service_group(self) -> pl.DataFrame:
         return self.of("service_group")
+
+    @property
+    def storage_path(self) -> pl.DataFrame:
+        return self.of("storage_path")
 
     @property
     def source(self) -> pl.DataFrame:

@@ -288,3 +288,43 @@ def test_a_backup_arriving_for_an_unprotected_vm_resolves_it() -> None:
     # aggregates does not cover, so it is looked up.
     feed(e, Stream.BACKUP, [bk("b", T0 + 62 * S, "succeeded", rp=T0 + 62 * S, vm="vm1")], T0 + 62 * S)
     assert states(e.tick(T0 + 63 * S), "VMUnprotected") == {"vm1": "resolved"}
+
+
+def storage(path: str, free: int, online: bool = True, capacity: int = 1000) -> dict[str, Any]:
+    return {"path_id": path, "capacity_bytes": capacity, "free_bytes": free, "iops_capacity": 100.0,
+            "iops_used": 25.0, "online": online}
+
+
+def test_storage_paths_keep_the_newest_report_of_any_node_whatever_the_order() -> None:
+    newer = hb("a", T0 + 10 * S, "n2", storage=[storage("csv1", free=100), storage("csv2", free=900, online=False)])
+    older = hb("b", T0, "n1", storage=[storage("csv1", free=800)])
+    views = []
+    for order in ([older, newer], [newer, older]):
+        e = engine()
+        for payload in order:  # one batch each: a late report must not win
+            feed(e, Stream.HEARTBEAT, [payload], T0 + 20 * S)
+        feed(e, Stream.REPLICATION, [rep(f"r{i}", T0, T0, vm=f"vm{i}", storage_path_id="csv1") for i in range(3)], T0 + 20 * S)
+        views.append(e.tick(T0 + 20 * S).views.storage_path.sort("storage_path"))
+    assert views[0].equals(views[1])
+    rows = {r["storage_path"]: r for r in views[0].iter_rows(named=True)}
+    assert rows["csv1"]["free_bytes"] == 100 and rows["csv1"]["reported_by"] == "n2"
+    assert rows["csv1"]["free_ratio"] == 0.1 and rows["csv1"]["iops_headroom_ratio"] == 0.75
+    assert rows["csv1"]["vms"] == 3 and rows["csv2"]["vms"] == 0
+    assert rows["csv2"]["online"] is False and rows["csv1"]["report_age_seconds"] == 10.0
+
+
+def test_an_operator_rule_on_storage_paths_fires_and_resolves() -> None:
+    from rules.pack import compile_pack
+
+    doc = {"rules": [{"alert": "StoragePathLowOnSpace", "entity": "storage_path", "condition": "free_ratio < 0.2",
+                      "severity": "warning", "annotations": {"summary": "Low.", "description": "{storage_path}: {free_ratio}"}}]}
+    pack, problems = compile_pack(doc)
+    assert problems == []
+    e = Engine(pack)
+    feed(e, Stream.HEARTBEAT, [hb("a", T0, "n1", storage=[storage("csv1", free=100), storage("csv2", free=500)])], T0)
+    assert firing(e.tick(T0 + S), "StoragePathLowOnSpace") == {"c1"}
+    assert {k.split("\x1f")[1] for k, s in states_rows(e.tick(T0 + 2 * S), "StoragePathLowOnSpace")} == {"csv1"}
+    feed(e, Stream.HEARTBEAT, [hb("b", T0 + 3 * S, "n1", storage=[storage("csv1", free=600)])], T0 + 3 * S)
+    assert states(e.tick(T0 + 4 * S), "StoragePathLowOnSpace") == {"c1": "resolved"}
+    e.drop_clusters(["c1"])
+    assert e.fleet.storage_paths.is_empty()
