@@ -129,7 +129,6 @@ class Engine:
         # The previous tick's views and active alerts: where alerts that stop being true now
         # get their last annotations from.
         self._previous: tuple[Views, pl.DataFrame] | None = None
-        self._clock_ms = 0  # the time of the tick being evaluated
         self._by_entity: dict[str, list[int]] = {}
         for index, r in enumerate(rules):
             self._by_entity.setdefault(r.spec.entity, []).append(index)
@@ -205,7 +204,6 @@ class Engine:
             active = self._active(views, held)
             clock.lap("conditions")
             alerts = self.alerts
-            self._clock_ms = now_ms
             if held:
                 # Held instances' alerts neither fire nor resolve; their rows found no matches.
                 is_held = pl.col("hci_cluster").is_in(held).fill_null(False)
@@ -224,7 +222,7 @@ class Engine:
             )
             self.alerts = pl.concat([advanced, frozen]) if held else advanced
             clock.lap("lifecycle")
-            self._remember(identities, active)
+            self._remember(identities, active, now_ms)
             details = Details(self._describer, views, active, self._labels, self._stored)
             self._previous = (views, active)
             changes = self._identify(changes)
@@ -255,8 +253,9 @@ class Engine:
 
         Per entity, one query evaluates all of its rules' conditions in a single pass over the
         columns they read, keeps the rows where any holds and makes their alert ids from the
-        hash of their identity labels (stored per VM, computed for the small views). Nothing else of the view is computed. Rules that read a column needing
-        the VM's link (a lookup for every VM) are evaluated apart, so that the others skip it."""
+        hash of their identity labels (stored per VM, computed for the small views). Nothing
+        else of the view is computed. Rules that read a column needing the VM's link (a lookup
+        for every VM) are evaluated apart, so that the others skip it."""
         plans: list[list[int]] = []
         queries: list[pl.LazyFrame] = []
         for entity, indices in self._by_entity.items():
@@ -295,7 +294,7 @@ class Engine:
         # One query for all the rules' rows: measured half the cost of a filter per rule.
         return pl.concat(parts).collect() if parts else pl.DataFrame(schema=lifecycle.ACTIVE_SCHEMA)
 
-    def _remember(self, identities: pl.DataFrame, active: pl.DataFrame) -> None:
+    def _remember(self, identities: pl.DataFrame, active: pl.DataFrame, now_ms: int) -> None:
         """Store the labels of new alerts, and the annotations of alerts that stopped being true
         at this tick as of the previous tick (their last true one)."""
         self._labels = compact(pl.concat([self._labels, identities]), self.alerts)
@@ -305,7 +304,7 @@ class Engine:
             # at that tick's (alerts true now have now's). A filter on one integer column, not
             # a membership test of every alert true before against every alert true now; the
             # latter only when the clock did not move.
-            if views.now_ms < self._clock_ms:
+            if views.now_ms < now_ms:
                 ended = self.alerts.filter(pl.col("last_true_ms") == views.now_ms).get_column("alert_id")
             else:
                 still = pl.col("alert_id").is_in(active.get_column("alert_id").implode())
