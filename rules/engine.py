@@ -20,7 +20,18 @@ from rules import lifecycle, state
 from rules.describe import ANNOTATION_SCHEMA, IDENTITY_SCHEMA, Describer, Details, compact, empty_store
 from rules.pack import RulePack
 from rules.policy import DEFAULT_POLICY, Policy
-from rules.views import ENTITIES, NEEDS_LINK, ROW, Aggregates, ViewParams, Views, build_views, empty_views, identity, summarise
+from rules.views import (
+    ENTITIES,
+    NEEDS_LINK,
+    ROW,
+    Aggregates,
+    ViewParams,
+    Views,
+    build_views,
+    empty_views,
+    identity,
+    summarise,
+)
 
 
 @dataclass(frozen=True)

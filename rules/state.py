@@ -227,7 +227,12 @@ def link_key() -> pl.Expr:
 
 
 # The identity labels of the per-VM entities (rules.views.ENTITIES), as label ← state column.
-REPLICATION_IDENTITY = (("vm", "vm_id"), ("hci_cluster", "cluster_id"), ("target", "target_id"), ("technology", "technology"))
+REPLICATION_IDENTITY = (
+    ("vm", "vm_id"),
+    ("hci_cluster", "cluster_id"),
+    ("target", "target_id"),
+    ("technology", "technology"),
+)
 BACKUP_IDENTITY = (("vm", "vm_id"), ("hci_cluster", "cluster_id"))
 
 

@@ -282,7 +282,11 @@ def source_views(
             "partition",
             # How an operator names the feed: "kafka replication partition 3", "mqtt heartbeat".
             pl.concat_str(
-                "source", pl.lit(" "), "stream", pl.lit(" partition ") + pl.col("partition").cast(pl.String), ignore_nulls=True
+                "source",
+                pl.lit(" "),
+                "stream",
+                pl.lit(" partition ") + pl.col("partition").cast(pl.String),  # null without one
+                ignore_nulls=True,
             ).alias("feed"),
             "up",
             since,
@@ -431,7 +435,8 @@ def _pairs(table: pl.DataFrame, other: pl.DataFrame) -> pl.DataFrame:
     pairs = table.lazy().select("vm_key", position.alias("r")).join(
         other.lazy().select("vm_key", position.alias("b")), on="vm_key"
     ).collect()
-    same = table.get_column("vm_id").gather(pairs.get_column("r")) == other.get_column("vm_id").gather(pairs.get_column("b"))
+    ids = table.get_column("vm_id").gather(pairs.get_column("r"))
+    same = ids == other.get_column("vm_id").gather(pairs.get_column("b"))
     return pairs.filter(same).select("r", "b")
 
 
@@ -591,7 +596,10 @@ def _vm(state: FleetState, now_ms: int, aggregates: Aggregates) -> pl.DataFrame:
     only_backup_late = ~of_late_backups.is_in(late_replicas.implode()).fill_null(False)  # else found above
     r = pl.concat([late_replicas, of_late_backups.filter(only_backup_late)])
     b = pl.concat(
-        [pairing.partners(late_replicas, replication, backup, of_replication=True), late_backups.filter(only_backup_late)]
+        [
+            pairing.partners(late_replicas, replication, backup, of_replication=True),
+            late_backups.filter(only_backup_late),
+        ]
     )
     # Only the columns read, gathered at the few rows (a null row gives nulls).
     replica = replication.select(
