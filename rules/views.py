@@ -450,7 +450,8 @@ def _scattered(length: int, at: pl.Series, values: pl.Series) -> pl.Series:
 
 @dataclass(frozen=True, eq=False)
 class Aggregates:
-    """Per-link and per-service-group sums over the replication table.
+    """Per-link, per-service-group and per-storage-path sums over the replication table, and
+    the pairing of the two VM tables' rows.
 
     They depend on the state alone (not on the clock), cost a group-by over every VM, and feed
     conditions that move over minutes (link saturation, storage-path concentration), so the
