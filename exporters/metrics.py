@@ -40,6 +40,7 @@ BACKUP_LABELS = ENTITIES["vm_backup"].labels  # vm, hci_cluster
 NODE_LABELS = ENTITIES["node"].labels  # hci_cluster, node
 LINK_LABELS = ENTITIES["link"].labels  # hci_cluster, target
 CLUSTER_LABELS = ENTITIES["cluster"].labels  # hci_cluster
+STORAGE_PATH_LABELS = ENTITIES["storage_path"].labels  # hci_cluster, storage_path
 
 # (metric name, view column, HELP): plain gauges, one sample per row with a non-null value.
 _REPLICATION_GAUGES = (
@@ -114,6 +115,21 @@ _LINK_GAUGES = (
         "saturation_ratio",
         "Replication throughput the link's VMs need divided by the link's capacity.",
     ),
+)
+# Beyond contracts.md §3: what nodes report per storage path (volume) in heartbeats.
+_STORAGE_PATH_GAUGES = (
+    (
+        "rpowatch_storage_path_free_ratio",
+        "free_ratio",
+        "Free space of the storage path divided by its capacity, as a node last reported it.",
+    ),
+    (
+        "rpowatch_storage_path_iops_headroom_ratio",
+        "iops_headroom_ratio",
+        "IOPS headroom of the storage path: 1 - used / capacity, as a node last reported it.",
+    ),
+    ("rpowatch_storage_path_online", "online", "1 while a node reports the storage path online, else 0."),
+    ("rpowatch_storage_path_vms", "vms", "Replicated VMs whose virtual disks are on the storage path."),
 )
 _NODE_GAUGES = (
     (
@@ -236,6 +252,7 @@ class RpowatchCollector(Collector):
         yield from _gauges(views.cluster, CLUSTER_LABELS, _CLUSTER_GAUGES)
         yield from _gauges(views.link, LINK_LABELS, _LINK_GAUGES)
         yield from _gauges(views.node, NODE_LABELS, _NODE_GAUGES)
+        yield from _gauges(views.storage_path, STORAGE_PATH_LABELS, _STORAGE_PATH_GAUGES)
         yield self._alerts(snapshot.result)
         yield from self._self_metrics(snapshot.self_stats)
 

@@ -64,8 +64,8 @@ def _backup(vm: str, rp_age_s: float) -> bytes:
     return json.dumps(event).encode()
 
 
-def _heartbeat(node: str, age_s: float, used: int) -> bytes:
-    event = {
+def _heartbeat(node: str, age_s: float, used: int, storage: list[dict[str, object]] | None = None) -> bytes:
+    event: dict[str, object] = {
         "event_id": f"hb-{node}",
         "ts": NOW_MS - int(age_s * 1000),
         "cluster_id": "c1",
@@ -77,6 +77,8 @@ def _heartbeat(node: str, age_s: float, used: int) -> bytes:
         "iops_used": 250.0,
         "net_capacity_bytes_per_s": 1000.0,
     }
+    if storage is not None:
+        event["storage"] = storage
     return json.dumps(event).encode()
 
 
@@ -107,7 +109,13 @@ def result() -> TickResult:
     )
     _apply(engine, Stream.BACKUP, [_backup("vm1", 3600), _backup("vm2", 2 * 86400)])
     # n3 is the only one over the 30 s heartbeat timeout: NodeHeartbeatLost.
-    _apply(engine, Stream.HEARTBEAT, [_heartbeat("n1", 5, 600), _heartbeat("n2", 5, 200), _heartbeat("n3", 60, 100)])
+    csv = {"path_id": "csv1", "capacity_bytes": 1000, "free_bytes": 250, "iops_capacity": 100.0, "iops_used": 40.0,
+           "online": True}
+    _apply(
+        engine,
+        Stream.HEARTBEAT,
+        [_heartbeat("n1", 5, 600, storage=[csv]), _heartbeat("n2", 5, 200), _heartbeat("n3", 60, 100)],
+    )
     return engine.tick(NOW_MS)
 
 
@@ -183,6 +191,11 @@ def test_backup_node_cluster_and_alert_gauges(result: TickResult) -> None:
     assert get("rpowatch_link_bandwidth_saturation_ratio", {"hci_cluster": "c1", "target": "c2"}) == pytest.approx(
         100 / 2000
     )
+    csv1 = {"hci_cluster": "c1", "storage_path": "csv1"}
+    assert get("rpowatch_storage_path_free_ratio", csv1) == pytest.approx(0.25)
+    assert get("rpowatch_storage_path_iops_headroom_ratio", csv1) == pytest.approx(0.6)
+    assert get("rpowatch_storage_path_online", csv1) == 1.0
+    assert get("rpowatch_storage_path_vms", csv1) == 0.0  # no replicated VM names it
     alerts = {
         "ReplicationRPOBreach": "critical",
         "ReplicationRPOAtRisk": "warning",
