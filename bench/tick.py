@@ -6,6 +6,12 @@ Engine state is built directly as polars tables with the exact schemas of rules/
 JSON, no decoder), so that building a million VMs takes seconds. Each size runs in a fresh
 child process so that its resident-memory figure is not polluted by the previous size.
 
+Ticks are timed at steady state: before each tick, the second's traffic is applied (not
+timed) as the service would, the healthy VMs' completed cycles (about 15,000 events per second
+at a million VMs) and the nodes' heartbeats, so that lags stay where a live fleet keeps them.
+Then the same fleet is frozen (nothing reports, every lag grows: an alert storm) and timed
+again.
+
 Every figure comes with a baseline measured in the same process, interleaved with the measured
 operation, because absolute times drift on a shared 2-core machine: a trivial full pass over
 the same replication table (`select(max(last_recovery_point_ms))`). The ratio is the figure to
@@ -297,6 +303,14 @@ def replication_batch(fleet: state.FleetState, size: int, now_ms: int, seed: int
         .otherwise(pl.lit("resumed"))
     )
     ts_ms = now_ms - (uniform(i, seed * 7 + 2) * 1_000).cast(pl.Int64)
+    out = _events(rows, kind, ts_ms, now_ms, seed)
+    return out.sample(fraction=1.0, shuffle=True, seed=seed)  # arrival order, not table order
+
+
+def _events(rows: pl.DataFrame, kind: pl.Expr, ts_ms: pl.Expr, now_ms: int, seed: int) -> pl.DataFrame:
+    """Decoded replication events (contract schema) for `rows` of the replication table (with
+    an Int64 `row` column): `kind` at `ts_ms`; a completed cycle's recovery point is 2 s older."""
+    i = pl.col("row")
     ts = ts_ms.cast(pl.Datetime("ms", "UTC"))
     schema = SCHEMAS[Stream.REPLICATION]
     out = rows.select(
@@ -322,7 +336,54 @@ def replication_batch(fleet: state.FleetState, size: int, now_ms: int, seed: int
     ).cast(schema)
     if out.schema != schema:
         raise AssertionError(f"schema drift: {out.schema} != {schema}")
-    return out.sample(fraction=1.0, shuffle=True, seed=seed)  # arrival order, not table order
+    return out
+
+
+# A healthy VM completes a cycle once its lag reaches its interval; VMs that are behind (at risk
+# from 1.6 intervals: 80 % of an RPO of two intervals) are the fleet's broken ones and stay so.
+DUE_FROM, DUE_UNTIL = 1.0, 1.6
+HEARTBEAT_EVERY_MS = 5_000  # build_state's nodes last reported within the last 5 s
+
+
+def due_cycles(fleet: state.FleetState, now_ms: int) -> pl.DataFrame:
+    """The replication events of the second before `now_ms` at steady state: every healthy,
+    replicating VM whose lag reached its interval completes a cycle (about 15,000 per second
+    at a million VMs with build_state's mix of intervals)."""
+    lag_ms = now_ms - pl.col("last_recovery_point_ms")
+    interval_ms = pl.col("frequency_s") * 1000
+    rows = (
+        fleet.replication.lazy()
+        .with_row_index("row")
+        .filter(
+            (pl.col("status") == "replicating")
+            & (lag_ms >= interval_ms * DUE_FROM)
+            & (lag_ms < interval_ms * DUE_UNTIL)
+        )
+        .with_columns(pl.col("row").cast(pl.Int64))
+        .collect()
+    )
+    ts_ms = now_ms - 1 - (uniform(pl.col("row"), now_ms % 9973) * 999).cast(pl.Int64)
+    return _events(rows, pl.lit("cycle_completed"), ts_ms, now_ms, seed=now_ms % 9973)
+
+
+def run_second(engine: Engine, now_ms: int) -> int:
+    """What reaches the engine between two ticks at steady state: the cycles completed in the
+    last second, applied as one batch, and the heartbeats of the nodes that report every 5 s
+    (written straight into the node table: the tick reads their age, not how they arrived).
+    Nodes that build_state made silent or down stay so. Returns the events applied."""
+    events = due_cycles(engine.fleet, now_ms)
+    applied = engine.apply(Stream.REPLICATION, events, now_ms)
+    nodes = engine.fleet.nodes
+    reporting = (pl.col("state") == "up") & (now_ms - pl.col("last_heartbeat_ms") >= HEARTBEAT_EVERY_MS) & (
+        now_ms - pl.col("last_heartbeat_ms") < 2 * HEARTBEAT_EVERY_MS
+    )
+    engine.fleet = replace(
+        engine.fleet,
+        nodes=nodes.with_columns(
+            pl.when(reporting).then(pl.lit(now_ms)).otherwise(pl.col("last_heartbeat_ms")).alias("last_heartbeat_ms")
+        ),
+    )
+    return applied
 
 
 def seen_ids(events: int, now_ms: int, window_ms: int) -> pl.DataFrame:
@@ -371,15 +432,19 @@ def baseline_filter(fleet: state.FleetState, now_ms: int) -> float:
 
 
 def time_ticks(
-    engine: Engine, warmup: int, repeats: int, now_ms: int
+    engine: Engine, warmup: int, repeats: int, now_ms: int, traffic: list[int] | None = None
 ) -> tuple[list[float], list[float], list[float], int]:
     """Tick `warmup` + `repeats` times, one second apart; each tick is preceded by both
-    baselines so that all three see the same machine conditions."""
+    baselines so that all three see the same machine conditions. Given `traffic`, each
+    second's events are applied before its tick (`run_second`, not timed) and their number
+    appended to it; without, the fleet is frozen: nothing reports, every lag grows."""
     ticks: list[float] = []
     bases: list[float] = []
     filters: list[float] = []
     now = now_ms
     for n in range(warmup + repeats):
+        if traffic is not None:
+            traffic.append(run_second(engine, now))
         b = baseline(engine.fleet)
         f = baseline_filter(engine.fleet, now)
         t, _ = timed(lambda: engine.tick(now))
@@ -396,11 +461,13 @@ PACED_TICKS = 15  # ticks one second apart; RSS is the median before the last te
 
 def paced_rss(engine: Engine, now_ms: int) -> tuple[int, int]:
     """Median RSS sampled just before each of the last ten of PACED_TICKS ticks run one second
-    apart in real time, as the service runs them (the last result held); and the clock after."""
+    apart in real time, as the service runs them (each second's traffic applied, the last
+    result held); and the clock after."""
     samples: list[int] = []
     held = None
     for _ in range(PACED_TICKS):
         started = time.monotonic()
+        run_second(engine, now_ms)
         samples.append(rss_bytes())
         held = engine.tick(now_ms)
         now_ms += TICK_STEP_MS
@@ -410,13 +477,15 @@ def paced_rss(engine: Engine, now_ms: int) -> tuple[int, int]:
 
 
 def profile_tick(engine: Engine, now_ms: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Where a tick's time goes: the phases `Engine.tick` reports in `TickResult.phases`
-    (aggregates, conditions, labels, lifecycle, transitions), each next to the filter baseline
+    """Where a tick's time goes at steady state (each second's traffic applied first): the
+    phases `Engine.tick` reports in `TickResult.phases` (aggregates, conditions, labels,
+    lifecycle, transitions), each next to the filter baseline
     timed just before the tick, plus what a scrape or the history writer pays on top: building
     the full per-VM views the tick did not need."""
     out: dict[str, list[float]] = {}
     for r in range(repeats):
         now = now_ms + r * TICK_STEP_MS
+        run_second(engine, now)
         out.setdefault("baseline: filter", []).append(baseline_filter(engine.fleet, now))
         result = engine.tick(now)
         out.setdefault("engine.tick (whole)", []).append(result.duration_s)
@@ -625,7 +694,11 @@ def run_size(args: argparse.Namespace) -> dict[str, Any]:
     log(f"[{vms:,} VMs] built in {build_s:.1f} s; first tick {ms(first_s):.0f} ms; timing {args.repeats} ticks")
     del first
 
-    ticks, bases, filters, now = time_ticks(engine, args.warmup, args.repeats, NOW0_MS + TICK_STEP_MS)
+    # Steady state first: each second's cycles and heartbeats applied before its tick, as the
+    # service sees a healthy fleet.
+    applied: list[int] = []
+    ticks, bases, filters, now = time_ticks(engine, args.warmup, args.repeats, NOW0_MS + TICK_STEP_MS, applied)
+    alerts_steady = engine.alerts.height
     # What the process holds as the service runs it: ticks one second apart in real time (the
     # allocator returns freed pages after a decay of about 10 s, so back-to-back ticks overstate
     # it), sampled just before each tick, with the last result held.
@@ -640,6 +713,8 @@ def run_size(args: argparse.Namespace) -> dict[str, Any]:
         "nodes": fleet.nodes.height,
         "links": links,
         "alerts_after_first_tick": alerts_first,
+        "alerts_after_steady_ticks": alerts_steady,
+        "events_per_second": statistics.median(applied),
         "alerts_after_last_tick": engine.alerts.height,
         "build_s": build_s,
         "first_tick_ms": ms(first_s),
@@ -661,6 +736,17 @@ def run_size(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         log(f"[{vms:,} VMs] profiling")
         result["profile"] = profile_tick(engine, now, args.profile_repeats)
+        now += args.profile_repeats * TICK_STEP_MS
+    # Then the same fleet frozen (nothing reports any more): every lag grows and VMs cross
+    # their thresholds by the thousand per tick, an alert storm.
+    alerts_before = engine.alerts.height
+    frozen_ticks, _, frozen_filters, now = time_ticks(engine, args.warmup, args.repeats, now)
+    result["frozen"] = {
+        "tick": summary(frozen_ticks),
+        "ratio_filter": summary(frozen_ticks)["median_ms"] / summary(frozen_filters)["median_ms"],
+        "alerts_before": alerts_before,
+        "alerts_after": engine.alerts.height,
+    }
     if args.apply:
         log(f"[{vms:,} VMs] timing apply of {args.batch:,}-event batches")
         result["apply"] = time_apply(engine, args.apply_repeats, args.batch, now, None)
@@ -734,10 +820,17 @@ def print_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for r in rows:
         print(
             f"{r['vms']:,} VMs: build {r['build_s']:.1f} s, first tick {r['first_tick_ms']:.0f} ms, "
-            f"alerts {r['alerts_after_first_tick']:,} -> {r['alerts_after_last_tick']:,}; RSS {r['rss_before_mb']:.0f} MiB "
+            f"steady state: {r['events_per_second']:,.0f} replication events applied per second (not timed), "
+            f"alerts {r['alerts_after_first_tick']:,} -> {r['alerts_after_steady_ticks']:,}; RSS {r['rss_before_mb']:.0f} MiB "
             f"-> {r['rss_state_mb']:.0f} MiB (state built, {r['bytes_per_vm_state_rss']:.0f} B/VM) -> "
             f"{r['rss_after_tick_mb']:.0f} MiB (after one tick, its result held: {r['bytes_per_vm_rss']:.0f} B/VM); "
             f"ticking once a second in real time: {r['rss_ticking_mb']:.0f} MiB ({r['bytes_per_vm_rss_ticking']:.0f} B/VM)"
+        )
+        f = r["frozen"]
+        print(
+            f"  frozen fleet (nothing reports; an alert storm): tick median {f['tick']['median_ms']:.1f} ms, "
+            f"p90 {f['tick']['p90_ms']:.1f} ms, tick / filter {f['ratio_filter']:.1f}; "
+            f"alerts {f['alerts_before']:,} -> {f['alerts_after']:,}"
         )
         if "apply" in r:
             print(_apply_line(f"Engine.apply, {args.batch:,} replication events, empty dedupe table", r["apply"]))

@@ -255,7 +255,7 @@ class Engine:
             or current.table.height != table.height
             or not 0 <= now_ms - current.computed_ms < self.settings.aggregate_refresh_s * 1000
         ):
-            current = summarise(self.fleet, now_ms)
+            current = summarise(self.fleet, now_ms, current)
             self._aggregates = current
         return current
 

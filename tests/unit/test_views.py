@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
 
-from rules.views import Pairing
+from bench.tick import NOW0_MS, build_state, due_cycles
+from rules import state
+from rules.views import Aggregates, Pairing, summarise
 
 
 def table(names: list[int], collide: bool = False) -> pl.DataFrame:
@@ -62,3 +67,68 @@ def test_pairing_agrees_with_matching_on_vm_id(
     back_rows = list(range(other_later.height))
     back = pairing.partners(pl.Series(back_rows, dtype=pl.UInt32), other_later, later, of_replication=False)
     assert back.to_list() == expected(back_rows, other_later, later)
+
+
+# --- summarise: what a refresh reuses from the previous aggregates ------------------------------
+
+def sorted_frames(a: Aggregates) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    return (
+        a.links.sort("link_key"),
+        a.service_groups.sort("service_group", "hci_cluster"),
+        a.storage_vms.sort("hci_cluster", "storage_path"),
+    )
+
+
+def assert_same_aggregates(reused: Aggregates, fresh: Aggregates, fleet: state.FleetState) -> None:
+    """Equal sums, and per VM row the same link and the same partner in the other table."""
+    for got, want in zip(sorted_frames(reused), sorted_frames(fresh)):
+        assert_frame_equal(got, want)  # float sums to a relative 1e-5: their order may differ
+    link_of = [reused.links.get_column("link_key").gather(reused.link_row), fresh.links.get_column("link_key").gather(fresh.link_row)]
+    assert link_of[0].equals(link_of[1])
+    assert link_of[0].equals(fleet.replication.get_column("link_key"))
+    rows = pl.int_range(fleet.replication.height, dtype=pl.UInt32, eager=True)
+    for a in (reused, fresh):
+        partners = a.pairing.partners(rows, fleet.replication, fleet.backup, of_replication=True)
+        assert partners.to_list() == fresh.pairing.backup_row.to_list()
+
+
+def test_a_refresh_reuses_what_ingest_did_not_change_and_recomputes_the_rest() -> None:
+    fleet = build_state(3_000, 100)
+    first = summarise(fleet, NOW0_MS)
+    # A second of steady-state traffic: lags, churn and pending bytes change, placement does not.
+    events = due_cycles(fleet, NOW0_MS + 10_000)
+    assert events.height > 50
+    fleet = replace(fleet, replication=state.apply_replication(fleet.replication, events))
+    reused = summarise(fleet, NOW0_MS + 10_000, first)
+    assert reused.service_groups is first.service_groups and reused.pairing is first.pairing
+    assert reused.link_row is first.link_row
+    assert not reused.links.equals(first.links)  # the sums moved
+    assert_same_aggregates(reused, summarise(fleet, NOW0_MS + 10_000), fleet)
+
+    # One VM moves to another storage path and another service group: placement recomputed.
+    moved = events.head(1).with_columns(
+        pl.lit("elsewhere-csv9").alias("storage_path_id"), pl.lit("billing-moved-1").alias("service_group"),
+        (pl.col("event_id") + "-moved"), (pl.col("ts") + pl.duration(seconds=1)),
+    )
+    fleet = replace(fleet, replication=state.apply_replication(fleet.replication, moved))
+    after_move = summarise(fleet, NOW0_MS + 20_000, reused)
+    assert after_move.service_groups is not reused.service_groups
+    assert "billing-moved-1" in after_move.service_groups.get_column("service_group").to_list()
+    assert_same_aggregates(after_move, summarise(fleet, NOW0_MS + 20_000), fleet)
+
+    # New VMs (a new instance with a new link): links re-indexed, the pairing looks them up.
+    newcomers = events.head(5).with_columns(
+        ("new-" + pl.col("vm_id")).alias("vm_id"), pl.lit("hci-new-00001").alias("cluster_id"),
+        ("new-" + pl.col("event_id")).alias("event_id"),
+    )
+    fleet = replace(fleet, replication=state.apply_replication(fleet.replication, newcomers))
+    grown = summarise(fleet, NOW0_MS + 30_000, after_move)
+    assert grown.link_row is not after_move.link_row
+    assert_same_aggregates(grown, summarise(fleet, NOW0_MS + 30_000), fleet)
+
+
+def test_aggregates_of_other_tables_are_not_reused() -> None:
+    one, other = build_state(2_000, 100), build_state(2_100, 50)
+    from_other = summarise(other, NOW0_MS, summarise(one, NOW0_MS))
+    assert_same_aggregates(from_other, summarise(other, NOW0_MS), other)
+    assert from_other.pairing.replication_keys.len() == other.replication.height
