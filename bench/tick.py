@@ -637,31 +637,19 @@ def profile_apply(engine: Engine, batch_size: int, now_ms: int, repeats: int) ->
         out.setdefault(name, []).append(seconds)
         return value
 
-    # _write_back's input is built inside apply_replication: catch it there to time it alone.
-    caught: list[tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]] = []
-    write_back = state._write_back
-
-    def catch(table: pl.DataFrame, touched: pl.DataFrame, merged: pl.DataFrame) -> pl.DataFrame:
-        caught.append((table, touched, merged))
-        return write_back(table, touched, merged)
-
-    sorted_keys = table.get_column("vm_key").sort()
     for n in range(repeats):
         batch = replication_batch(engine.fleet, batch_size, now_ms + n * TICK_STEP_MS, seed=500 + n)
         add("state.apply_replication (whole)", lambda: state.apply_replication(table, batch, policies, window))
-        touched = add("  _touched: vm_key.is_in over the table, gather the batch's rows", lambda: state._touched(table, batch))
-        reduced = add("  _reduce_replication: one row per VM", lambda: state._reduce_replication(batch, touched, window))
-        add(
-            "  full join of the touched rows and the reduced batch",
-            lambda: touched.join(reduced, on="vm_id", how="full", coalesce=True, suffix="_new"),
+        # Its steps one by one, as apply_replication chains them.
+        position = add("  _locate: each event's row (vm_key.is_in over the table)", lambda: state._locate(table, batch))
+        located = batch.with_columns(
+            position.alias(state._POS), table.get_column("window_bucket").gather(position).alias("prev_bucket")
         )
-        state._write_back = catch
-        try:
-            state.apply_replication(table, batch, policies, window)
-        finally:
-            state._write_back = write_back
-        args = caught.pop()
-        add("  _write_back: scatter the changed columns (and compact)", lambda: write_back(*args))
+        reduced = add("  _reduce_replication: one row per VM", lambda: state._reduce_replication(located, window))
+        old, joined = add("  _beside: the rows' previous values beside the batch", lambda: state._beside(table, reduced))
+        merged = add("  _merge_replication: one query", lambda: state._merge_replication(joined))
+        relabelled = add("  _relabel: hashes of changed labels, policies", lambda: state._relabel(merged, policies))
+        add("  _write_rows: scatter the changed columns", lambda: state._write_rows(table, old, relabelled))
         add(
             "reference: the full-join implementation it replaced",
             lambda: old_apply_replication(legacy_table, batch, policies, window),
@@ -670,8 +658,6 @@ def profile_apply(engine: Engine, batch_size: int, now_ms: int, repeats: int) ->
             "what-if: apply onto the table as build_state leaves it (10 chunks)",
             lambda: state.apply_replication(chunked, batch, policies, window),
         )
-        keys = batch.select(state.vm_key()).to_series()
-        add("what-if: find the batch's rows by search_sorted in a sorted key index", lambda: sorted_keys.search_sorted(keys))
     return {name: summary(samples) for name, samples in out.items()}
 
 

@@ -176,8 +176,10 @@ class SeenIds:
             return pl.Series(hashes.name, [False] * hashes.len(), dtype=pl.Boolean)
         # Sorted needles make successive binary searches touch nearby memory.
         needles = hashes.unique().sort()
-        found = [part for b in self.buckets for part in b.matches(needles)]
-        return hashes.is_in(pl.concat(found).implode())
+        found = pl.concat([part for b in self.buckets for part in b.matches(needles)])
+        if found.is_empty():  # the usual case: nothing to look up the batch in
+            return pl.repeat(False, hashes.len(), dtype=pl.Boolean, eager=True).alias(hashes.name)
+        return hashes.is_in(found.implode())
 
     def remember(self, rows: pl.DataFrame, now_ms: int) -> SeenIds:
         """With these keys (columns HASH, CLUSTER) applied at `now_ms`."""
@@ -211,4 +213,6 @@ class SeenIds:
         batch = keys(events)
         hashes = batch.get_column(HASH)
         fresh = hashes.is_first_distinct() & ~current.known(hashes)
+        if fresh.all():  # the usual case: no copy of the batch (its strings) by a filter
+            return current.remember(batch, now_ms), events
         return current.remember(batch.filter(fresh), now_ms), events.filter(fresh)
