@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from bench.tick import NOW0_MS, build_state, due_cycles
+from bench.tick import NOW0_MS, build_state, due_cycles, load_engine
 from rules import state
-from rules.views import Aggregates, Pairing, summarise
+from rules.engine import TickResult
+from rules.views import Aggregates, GatherMemo, Pairing, summarise
 
 
 def table(names: list[int], collide: bool = False) -> pl.DataFrame:
@@ -132,3 +133,39 @@ def test_aggregates_of_other_tables_are_not_reused() -> None:
     from_other = summarise(other, NOW0_MS, summarise(one, NOW0_MS))
     assert_same_aggregates(from_other, summarise(other, NOW0_MS), other)
     assert from_other.pairing.replication_keys.len() == other.replication.height
+
+
+# --- the per-VM link figures a tick gathers, kept between ticks ------------------------------
+
+
+def firing_keys(result: TickResult, alert: str) -> set[str]:
+    firing = result.alerts.filter((pl.col("alertname") == alert) & (pl.col("state") == "firing"))
+    return set(firing.get_column("alert_key").to_list())
+
+
+def test_the_link_figures_kept_between_ticks_follow_a_change_of_capacity() -> None:
+    fleet = build_state(3_000, 100)
+    engine = load_engine()
+    engine.fleet = fleet
+    before = firing_keys(engine.tick(NOW0_MS), "ReplicationRPOAtRisk")
+    engine.tick(NOW0_MS + 1_000)  # the same figures: the gather is reused
+    # Every node's network capacity cut to a thousandth: links saturate, VMs fall at risk.
+    engine.fleet = replace(fleet, nodes=fleet.nodes.with_columns(pl.col("net_capacity_bytes_per_s") / 1000))
+    after = firing_keys(engine.tick(NOW0_MS + 2_000), "ReplicationRPOAtRisk")
+    fresh = load_engine()
+    fresh.fleet = engine.fleet
+    assert after == firing_keys(fresh.tick(NOW0_MS + 2_000), "ReplicationRPOAtRisk")
+    assert len(after) > len(before) + 100
+
+
+def test_a_gather_memo_answers_for_the_figures_and_rows_it_was_made_from() -> None:
+    memo = GatherMemo()
+    links = pl.DataFrame({"needed": [1.0, 2.0, 3.0], "capacity": [10.0, 10.0, None]})
+    rows = pl.Series([2, 0, 0, 1], dtype=pl.UInt32)
+    first = memo.gathered(links, rows)
+    assert first.to_dict(as_series=False) == {"needed": [3.0, 1.0, 1.0, 2.0], "capacity": [None, 10.0, 10.0, 10.0]}
+    assert memo.gathered(links.clone(), rows.clone()) is first  # equal figures, equal rows
+    changed = memo.gathered(links.with_columns(pl.col("capacity").fill_null(5.0)), rows)
+    assert changed.get_column("capacity").to_list() == [5.0, 10.0, 10.0, 10.0]
+    moved = memo.gathered(links, pl.Series([1, 1, 0, 2], dtype=pl.UInt32))
+    assert moved.get_column("needed").to_list() == [2.0, 2.0, 1.0, 3.0]
