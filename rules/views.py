@@ -748,6 +748,7 @@ class Views:
         # Materialised views. A view built twice by two threads at once is built the same way
         # twice: the later assignment wins and both callers see equal frames.
         self._frames: dict[str, pl.DataFrame] = dict(frames or {})
+        self._given = frozenset(self._frames)
         self._link_row_cache: pl.Series | None = None
         self._lock = threading.Lock()
 
@@ -759,13 +760,17 @@ class Views:
         """The view of `entity` as a query with a `ROW` column. `columns` (the ones a query
         reads, None for all) lets it skip work it does not need; `rows` restricts it to those
         row numbers, filtered before anything is computed."""
-        given = self._frames.get(entity)
+        # A per-VM view is a query over the state even once `of` has materialised it (a scrape,
+        # the history writer): the query reads only the columns and rows asked for, where the
+        # frame would be gathered whole and its labels hashed. Frames given to `replace` win.
+        given = self._frames.get(entity) if entity in self._given else None
         if given is not None or entity not in _PER_VM:
             frame = given if given is not None else self.of(entity)
+            numbered = _numbered(frame, rows)
             if entity in _PER_VM and IDENTITY not in frame.columns:
-                # A materialised view (`of`, `replace`) leaves the stored hash out.
-                frame = frame.with_columns(identity_hash([pl.col(c) for c in ENTITIES[entity].labels]).alias(IDENTITY))
-            return _numbered(frame, rows)
+                # A given view has no stored hash: its labels are hashed, for the rows asked.
+                return numbered.with_columns(identity_hash([pl.col(c) for c in ENTITIES[entity].labels]).alias(IDENTITY))
+            return numbered
         if entity == "vm_backup":
             return _backup(self._state, self.now_ms, rows)
         base = _replication_base(self._state, self.now_ms, self._params, rows)

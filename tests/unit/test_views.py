@@ -169,3 +169,26 @@ def test_a_gather_memo_answers_for_the_figures_and_rows_it_was_made_from() -> No
     assert changed.get_column("capacity").to_list() == [5.0, 10.0, 10.0, 10.0]
     moved = memo.gathered(links, pl.Series([1, 1, 0, 2], dtype=pl.UInt32))
     assert moved.get_column("needed").to_list() == [2.0, 2.0, 1.0, 3.0]
+
+
+def test_materialising_a_per_vm_view_leaves_the_ticks_queries_as_they_were() -> None:
+    """A scrape or the history writer builds the full per-VM views of a tick; the next tick
+    reads those views again (annotations of alerts that ended) and must still run its narrow
+    query over the state, not gather the whole frame and hash its labels."""
+    fleet = build_state(2_000, 100)
+    engine = load_engine()
+    engine.fleet = fleet
+    views = engine.tick(NOW0_MS).views
+    rows = pl.Series([3, 1_500], dtype=pl.UInt32)
+    before = {e: views.lazy(e, {"vm", "hci_cluster"}, rows=rows) for e in ("vm_replication", "vm_backup")}
+    plans = {e: q.explain() for e, q in before.items()}
+    for entity in before:
+        views.of(entity)
+        after = views.lazy(entity, {"vm", "hci_cluster"}, rows=rows)
+        assert after.explain() == plans[entity]
+        assert_frame_equal(after.collect(), before[entity].collect())
+    # Frames given to `replace` are what the views show, their labels hashed for the ids.
+    given = views.replace(vm_backup=views.vm_backup.head(5))
+    ids = given.lazy("vm_backup", None, rows=pl.Series([0, 4], dtype=pl.UInt32)).collect()
+    assert ids.get_column("vm").to_list() == views.vm_backup.get_column("vm").gather([0, 4]).to_list()
+    assert ids.get_column("__identity").to_list() == fleet.backup.get_column("identity_key").gather([0, 4]).to_list()
