@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import polars as pl
@@ -12,7 +13,7 @@ from polars.testing import assert_frame_equal
 from bench.tick import NOW0_MS, build_state, due_cycles, load_engine
 from rules import state
 from rules.engine import TickResult
-from rules.views import Aggregates, GatherMemo, Pairing, summarise
+from rules.views import Aggregates, GatherMemo, Pairing, ViewParams, _with_prediction, summarise
 
 
 def table(names: list[int], collide: bool = False) -> pl.DataFrame:
@@ -192,3 +193,42 @@ def test_materialising_a_per_vm_view_leaves_the_ticks_queries_as_they_were() -> 
     ids = given.lazy("vm_backup", None, rows=pl.Series([0, 4], dtype=pl.UInt32)).collect()
     assert ids.get_column("vm").to_list() == views.vm_backup.get_column("vm").gather([0, 4]).to_list()
     assert ids.get_column("__identity").to_list() == fleet.backup.get_column("identity_key").gather([0, 4]).to_list()
+
+
+def test_time_to_breach_is_the_earlier_of_the_two_signals() -> None:
+    """The prediction as the module docstring defines it, the minimum of the trend's and the
+    backlog's answers (each `rpo − lag` or +Inf), on random rows with nulls."""
+    rng = random.Random(5)
+
+    def val(lo: float, hi: float) -> float | None:
+        return None if rng.random() < 0.1 else rng.uniform(lo, hi)
+
+    n = 5_000
+    base = pl.DataFrame(
+        {
+            "lag_seconds": [val(0, 3000) for _ in range(n)],
+            "rpo_target_seconds": [val(0, 2000) for _ in range(n)],
+            "frequency_s": [rng.choice([None, 30, 300, 900]) for _ in range(n)],
+            "churn_bytes_per_s": [val(0, 5e6) for _ in range(n)],
+            "pending_bytes": [None if rng.random() < 0.1 else rng.randrange(0, 10**10) for _ in range(n)],
+            "status": ["replicating"] * n,
+            "resync_needed": [False] * n,
+            "missed_cycles_ratio": [0.0] * n,
+            "link_key": [0] * n,
+        },
+        schema_overrides={"frequency_s": pl.Int64},
+    )
+    links = pl.DataFrame({"needed_bytes_per_s": [val(0, 1e9) for _ in range(n)], "capacity_bytes_per_s": [val(0, 1e9) for _ in range(n)]})
+    got = _with_prediction(base.lazy(), links.lazy(), ViewParams()).collect().get_column("time_to_breach_seconds")
+
+    lag, rpo, f = pl.col("lag_seconds"), pl.col("rpo_target_seconds"), pl.col("frequency_s").cast(pl.Float64)
+    churn, needed, capacity = pl.col("churn_bytes_per_s").fill_null(0.0), pl.col("needed_bytes_per_s"), pl.col("capacity_bytes_per_s")
+    achievable = pl.when(needed <= capacity).then(capacity - needed + churn).otherwise(capacity * churn / needed)
+    transfer = pl.when(achievable > 0).then((pl.col("pending_bytes").fill_null(0).cast(pl.Float64) + churn * f) / achievable)
+    until = pl.max_horizontal(rpo - lag, pl.lit(0.0))
+    inf = pl.lit(float("inf"))
+    trend = pl.when(lag > f * 1.5).then(until).otherwise(inf)
+    backlog = pl.when((pl.max_horizontal(lag, f) + transfer > rpo).fill_null(False)).then(until).otherwise(inf)
+    want = pl.concat([base, links], how="horizontal").select(pl.min_horizontal(trend, backlog)).to_series()
+    assert got.eq_missing(want).all()
+    assert got.is_finite().sum() > n // 10  # both answers occur
