@@ -291,26 +291,38 @@ def _scatter(column: pl.Series, positions: pl.Series, values: pl.Series) -> pl.S
 
 def _write_back(table: pl.DataFrame, touched: pl.DataFrame, merged: pl.DataFrame) -> pl.DataFrame:
     """`table` with its touched rows replaced by their merged values, at the same positions,
-    and the new VMs (null `_POS`) appended: a row only moves when rows are added or removed,
-    which the history writer and the views rely on. Only columns whose values changed are
-    rewritten; the others are shared with `table` as they are.
-
-    The result is kept in one chunk per column: picking a batch's rows out of a chunked table
-    costs about ten times more (10 ms instead of 1 ms for 10,000 rows of a million), at every
-    batch, while compacting costs one copy of the table, only when VMs are added."""
+    and the new VMs (null `_POS`) appended (see `_written`). Only columns whose values changed
+    are rewritten."""
     is_new = pl.col(_POS).is_null()
     # The full join kept every touched row once (vm_id is unique on both sides), so sorted by
     # position they line up with `touched`.
     updated = merged.filter(~is_new).sort(_POS)
-    added = merged.filter(is_new).drop(_POS)
-    if updated.height:
-        positions = updated.get_column(_POS)
-        columns = []
-        for name in table.columns:
-            column, values = table.get_column(name), updated.get_column(name)
-            unchanged = values.equals(touched.get_column(name), check_dtypes=True, check_names=True, null_equal=True)
-            columns.append(column if unchanged else _scatter(column, positions, values))
-        table = pl.DataFrame(columns)
+    positions = updated.get_column(_POS)
+    writes = {
+        name: (positions, values)
+        for name in table.columns
+        if not (values := updated.get_column(name)).equals(
+            touched.get_column(name), check_dtypes=True, check_names=True, null_equal=True
+        )
+    }
+    return _written(table, writes, merged.filter(is_new).drop(_POS))
+
+
+def _written(
+    table: pl.DataFrame, writes: dict[str, tuple[pl.Series, pl.Series]], added: pl.DataFrame
+) -> pl.DataFrame:
+    """`table` with, for each column named in `writes`, the values written at the positions
+    given there (the other columns shared with `table` as they are), and the rows `added`
+    appended: a row only moves when rows are added or removed, which the history writer and
+    the views rely on.
+
+    The result is kept in one chunk per column: picking a batch's rows out of a chunked table
+    costs about ten times more (10 ms instead of 1 ms for 10,000 rows of a million), at every
+    batch, while compacting costs one copy of the table, only when VMs are added."""
+    if writes:
+        table = pl.DataFrame(
+            [_scatter(column, *writes[column.name]) if column.name in writes else column for column in table.get_columns()]
+        )
     if added.height:
         table = pl.concat([table, added], how="vertical")
     if max(table.n_chunks("all"), default=1) > 1:
@@ -505,38 +517,33 @@ def _relabel(merged: pl.DataFrame, policies: tuple[Policy, ...]) -> pl.DataFrame
 
 def _write_rows(table: pl.DataFrame, old: pl.DataFrame, merged: pl.DataFrame) -> pl.DataFrame:
     """`table` with the merged rows written at their positions (`_POS`) and the new VMs (null
-    `_POS`) appended, as `_write_back` does; `old` holds the rows' previous values, row for row
-    with `merged` (whose string columns come with their `_changed` flags). Only columns whose
-    values changed are rewritten; vm_id and vm_key never change for a row the table holds."""
+    `_POS`) appended (see `_written`); `old` holds the rows' previous values, row for row with
+    `merged` (whose string columns come with their `_changed` flags). Only values that changed
+    are written; vm_id and vm_key never change for a row the table holds."""
     is_new = merged.get_column(_POS).is_null()
     any_new = bool(is_new.any())
     updated = merged.filter(~is_new) if any_new else merged
     before = old.filter(~is_new) if any_new else old
-    if updated.height:
-        positions = updated.get_column(_POS)
-        columns = []
-        for name in table.columns:
-            column = table.get_column(name)
-            if name in ("vm_id", "vm_key"):
-                columns.append(column)
-                continue
-            values = updated.get_column(name)
-            if name in _STRINGS:
-                # Only the values that changed (flagged by the merge): the column is copied
-                # either way, but scattering strings costs per value too, and few change.
-                changed = updated.get_column(_changed(name))
-                if changed.any():
-                    column = _scatter(column, positions.filter(changed), values.filter(changed))
-            elif not values.equals(before.get_column(name), check_dtypes=True, check_names=True, null_equal=True):
-                column = _scatter(column, positions, values)
-            columns.append(column)
-        table = pl.DataFrame(columns)
-    if any_new:
-        added = merged.filter(is_new).with_columns(vm_key().alias("vm_key")).select(REPLICATION_SCHEMA.names())
-        table = pl.concat([table, added], how="vertical")
-    if max(table.n_chunks("all"), default=1) > 1:
-        table = table.rechunk()
-    return table
+    positions = updated.get_column(_POS)
+    writes: dict[str, tuple[pl.Series, pl.Series]] = {}
+    for name in table.columns:
+        if name in ("vm_id", "vm_key") or not updated.height:
+            continue
+        values = updated.get_column(name)
+        if name in _STRINGS:
+            # Only the values that changed (flagged by the merge): the column is copied either
+            # way, but scattering strings costs per value too, and few change.
+            changed = updated.get_column(_changed(name))
+            if changed.any():
+                writes[name] = (positions.filter(changed), values.filter(changed))
+        elif not values.equals(before.get_column(name), check_dtypes=True, check_names=True, null_equal=True):
+            writes[name] = (positions, values)
+    added = (
+        merged.filter(is_new).with_columns(vm_key().alias("vm_key")).select(REPLICATION_SCHEMA.names())
+        if any_new
+        else merged.clear()
+    )
+    return _written(table, writes, added)
 
 
 def _reduce_replication(events: pl.DataFrame, window: WindowCounters) -> pl.DataFrame:
