@@ -1,8 +1,9 @@
 """Kafka consumer-group source (aiokafka).
 
 What happens to a record, in order:
-  1. a fetch task calls `getmany` (bounded by count and the poll timeout) and queues the records
-     as one batch per stream, each carrying the next offset of every partition it covers;
+  1. a fetch task calls `getmany` (what aiokafka fetched, waiting at most the poll timeout) and
+     queues the records as batches of one stream and at most `max_batch_records` records, each
+     carrying the next offset of every partition it covers;
   2. the pipeline takes a batch (`batches()`), decodes it off the event loop, shows the decoded
      rows to `before_apply` (which notes the instances of each partition and holds those of
      partitions being rebuilt), applies them, hands the rejects to the dead-letter sink;
@@ -23,13 +24,14 @@ revoked, then the new assignment is handed out):
     offset are never committed again (that would move the group backwards).
 
 Backpressure: at most `max_in_flight_batches` batches are queued or being applied. When that
-many are, the fetch task stops draining aiokafka (whose prefetch holds at most one fetch per
-partition), and the queued batches are handed over merged, as one larger batch, so a pipeline
-that fell behind catches up in fewer, larger applies. If it stays that far behind for
-PAUSE_AFTER_S, every assigned partition is paused and `getmany` keeps being called (it then
-waits its timeout and returns nothing), so the member stays in the group however long the
-pipeline needs; they are resumed as soon as there is room. Memory stays bounded by the
-in-flight batches plus aiokafka's fetch buffers whatever the input rate.
+many are, the fetch task holds back the batches of its last `getmany` that did not fit and
+stops draining aiokafka (whose prefetch holds at most one fetch per partition), and the queued
+batches are handed over merged, as one larger batch, so a pipeline that fell behind catches up
+in fewer, larger applies. If it stays that far behind for PAUSE_AFTER_S, every assigned
+partition is paused and `getmany` keeps being called (it then waits its timeout and returns
+nothing), so the member stays in the group however long the pipeline needs; they are resumed as
+soon as there is room. Memory stays bounded by the in-flight batches, one `getmany` held back
+and aiokafka's fetch buffers, whatever the input rate.
 
 Broker trouble: aiokafka reconnects by itself and `getmany` returns quietly (and empty) while
 the broker is away (aiokafka #992), so `up` is not inferred from silence: a probe task asks for
@@ -37,7 +39,10 @@ cluster metadata (`topics()`) whenever no record arrived for a second, backing o
 8 s while the broker is unreachable. A consumer that cannot start is retried with backoff.
 
 Values are never deserialized by aiokafka, so a poison record cannot wedge the consumer (a
-raising `value_deserializer` re-raises on the same record forever, aiokafka #744).
+raising `value_deserializer` re-raises on the same record forever, aiokafka #744): the
+consumer's deserializer is `lean_records.CHUNKS`, a marker that makes aiokafka hand over each
+record batch's offsets and values instead of building a `ConsumerRecord` per record (its
+costliest step).
 """
 
 from __future__ import annotations
@@ -60,11 +65,13 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.helpers import create_ssl_context
 from pydantic import SecretStr
 
+from ingest import lean_records
 from ingest.contracts import Stream
 from ingest.partitions import PartitionOwnership, TopicPartitionKey
 from ingest.source import Batch, InstanceState
 
 logger = logging.getLogger(__name__)
+lean_records.install()
 
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -189,6 +196,9 @@ class KafkaSource:
         # Batches fetched but not yet handed over, as (generation, sequence, batch); a revoke
         # bumps the generation, so nothing fetched under the old assignment is handed over.
         self._queue: deque[tuple[int, int, Batch]] = deque()
+        # Batches of the last getmany that did not fit in flight yet (same tuples); no getmany
+        # is made while any wait, so they add at most one fetch response per partition.
+        self._fetched: deque[tuple[int, int, Batch]] = deque()
         self._has_batches = asyncio.Event()
         self._generation = 0
         self._next_seq = 1
@@ -335,7 +345,7 @@ class KafkaSource:
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
             rebalance_timeout_ms=s.rebalance_timeout_ms,
-            max_poll_records=s.max_batch_records,
+            value_deserializer=lean_records.CHUNKS,
             **_client_kwargs(s.security),
         )
         topics = [*s.topics.values(), *(topic for topic, _, _ in s.extra_topics)]
@@ -375,14 +385,20 @@ class KafkaSource:
             consumer = self._consumer
             if not await self._wait_for_room(consumer):
                 continue
+            if self._fetched:  # what the last getmany returned beyond the room there was
+                self._hand_over_fetched()
+                continue
             try:
-                polled = await consumer.getmany(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch_records)
+                # Everything fetched (at most one fetch response per partition): max_records
+                # would count record batches, not records; _to_batches cuts it into batches.
+                polled = await consumer.getmany(timeout_ms=s.poll_timeout_ms)
             except KafkaError as exc:
                 # aiokafka retries transient errors itself; what reaches us needs a new consumer.
                 logger.warning("kafka: fetch failed (%s); reconnecting", describe_error(exc))
                 self._up = False
                 self._consumer = None
                 self._queue.clear()
+                self._fetched.clear()
                 self._generation += 1
                 await _stop_quietly(consumer)
                 await asyncio.sleep(BACKOFF_INITIAL_S)
@@ -391,14 +407,23 @@ class KafkaSource:
                 self._last_records = time.monotonic()
                 self._up = True
                 for batch in self._to_batches(polled):
-                    self._queue.append((self._generation, self._next_seq, batch))
+                    self._fetched.append((self._generation, self._next_seq, batch))
                     self._next_seq += 1
-                self._has_batches.set()
+                self._hand_over_fetched()
             if self._rebuilding:
                 await self._note_replay_progress(consumer)
 
     def _in_flight(self) -> int:
         return len(self._queue) + len(self._delivered)
+
+    def _hand_over_fetched(self) -> None:
+        """Queue fetched batches while fewer than `max_in_flight_batches` are in flight."""
+        moved = False
+        while self._fetched and self._in_flight() < self._settings.max_in_flight_batches:
+            self._queue.append(self._fetched.popleft())
+            moved = True
+        if moved:
+            self._has_batches.set()
 
     async def _wait_for_room(self, consumer: AIOKafkaConsumer) -> bool:
         """True when fewer than `max_in_flight_batches` batches are queued or being applied (the
@@ -428,28 +453,35 @@ class KafkaSource:
         return False
 
     def _to_batches(self, polled: dict[TopicPartition, list[Any]]) -> list[Batch]:
+        """What one `getmany` returned, as batches of one stream (and format) each, of at most
+        `max_batch_records` records."""
         received = int(time.time() * 1000)
-        by_stream: dict[tuple[Stream, str], list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
+        by_stream: dict[tuple[Stream, str], list[tuple[TopicPartition, list[int], list[bytes]]]] = defaultdict(list)
         for tp, records in polled.items():
             if records:
-                by_stream[(self._stream_of[tp.topic], self._format_of.get(tp.topic, "canonical"))].append((tp, records))
+                offsets, values = lean_records.offsets_and_values(records)
+                by_stream[(self._stream_of[tp.topic], self._format_of.get(tp.topic, "canonical"))].append(
+                    (tp, offsets, values)
+                )
+        limit = self._settings.max_batch_records
         batches = []
         for (stream, fmt), parts in by_stream.items():
-            payloads: list[bytes] = []
-            topics: list[str] = []
-            partitions: list[int] = []
-            offsets: list[int] = []
-            positions: dict[tuple[str, int], int] = {}
-            for tp, records in parts:
-                values = [r.value for r in records]
-                if None in values:  # a tombstone: an empty payload, dead-lettered as not JSON
-                    values = [v if v is not None else b"" for v in values]
-                payloads.extend(values)
-                offsets.extend([r.offset for r in records])
-                topics.extend([tp.topic] * len(records))
-                partitions.extend([tp.partition] * len(records))
-                positions[(tp.topic, tp.partition)] = records[-1].offset + 1
-            batches.append(Batch(self.name, stream, payloads, topics, partitions, offsets, received, positions, fmt))
+            batch = Batch(self.name, stream, [], [], [], [], received, {}, fmt)
+            for tp, offsets, values in parts:
+                start = 0
+                while start < len(values):
+                    end = min(len(values), start + limit - len(batch))
+                    batch.payloads.extend(values[start:end])
+                    batch.offsets.extend(offsets[start:end])
+                    batch.topics.extend([tp.topic] * (end - start))
+                    batch.partitions.extend([tp.partition] * (end - start))
+                    batch.positions[(tp.topic, tp.partition)] = offsets[end - 1] + 1
+                    start = end
+                    if len(batch) == limit:
+                        batches.append(batch)
+                        batch = Batch(self.name, stream, [], [], [], [], received, {}, fmt)
+            if len(batch):
+                batches.append(batch)
         return batches
 
     async def _probe_forever(self) -> None:
@@ -512,6 +544,7 @@ class KafkaSource:
         self.rebalances += 1
         self._generation += 1
         self._queue.clear()
+        self._fetched.clear()
         self._room.set()
         for rebuild in self._rebuilding.values():
             rebuild.release_after = None  # the batches it counted on may just have been discarded
