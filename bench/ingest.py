@@ -138,6 +138,44 @@ async def raw_round(bootstrap: str, topic: str, total: int) -> float:
         await consumer.stop()
 
 
+def unpack_costs(values: list[bytes], repeats: int = 5) -> tuple[float, float]:
+    """CPU-µs per record of what aiokafka does with a fetched partition: build a ConsumerRecord
+    per record (what the raw pass gets), and build a chunk per record batch (what rpowatch's
+    consumer gets, ingest/lean_records.py), over the same record batches of 500 values each, as
+    aiokafka's producer would write them (about 160 KB, so ~16 KB batches would give the same
+    per-record figures)."""
+    from aiokafka.consumer import fetcher
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+    from aiokafka.record.memory_records import MemoryRecords
+    from aiokafka.structs import TopicPartition
+
+    from ingest import lean_records
+
+    lean_records.install()
+    data = bytearray()
+    for start in range(0, len(values), 500):
+        builder = DefaultRecordBatchBuilder(
+            magic=2, compression_type=0, is_transactional=0, producer_id=-1, producer_epoch=-1,
+            base_sequence=-1, batch_size=1 << 24,
+        )
+        for delta, value in enumerate(values[start:start + 500]):
+            builder.append(delta, timestamp=0, key=None, value=value, headers=[])
+        batch = bytearray(builder.build())
+        batch[0:8] = start.to_bytes(8, "big", signed=True)  # base offset
+        data += batch
+    raw = bytes(data)
+    tp = TopicPartition("t", 0)
+
+    def per_record(deserializer: Any) -> float:
+        started = time.process_time()
+        for _ in range(repeats):
+            records = fetcher.PartitionRecords(tp, MemoryRecords(raw), [], 0, None, deserializer, True, 0)
+            list(records)
+        return (time.process_time() - started) / repeats / len(values) * 1e6
+
+    return per_record(None), per_record(lean_records.CHUNKS)
+
+
 def cpu_seconds() -> float:
     """CPU time of this process, every thread (polars' pool included), user + system."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -296,11 +334,14 @@ async def run(args: argparse.Namespace) -> None:
         topic = "bench.replication"
         await broker.acreate_topic(topic, partitions=args.partitions)
         produce_s = await produce(broker.bootstrap, topic, records)
+        consumer_records_us, chunks_us = unpack_costs([value for _, value in records[:200_000]])
         del records
         print(f"# bench.ingest  {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}  {machine_line()}")
         print(f"{args.records:,} replication records, mean {mean_bytes:.0f} B, {args.vms:,} VMs on {args.vms // 100:,} "
               f"instances, topic of {args.partitions} partitions (built in {build_s:.1f} s, produced in {produce_s:.1f} s, "
               f"{args.records / produce_s:,.0f} records/s)")
+        print(f"aiokafka's unpacking of fetched records, CPU per record: ConsumerRecords (raw) {consumer_records_us:.2f} µs, "
+              f"chunks (rpowatch) {chunks_us:.2f} µs, ratio {chunks_us / consumer_records_us:.2f}")
         raw: list[float] = []
         ours: list[float] = []
         piped: list[float] = []

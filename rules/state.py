@@ -11,6 +11,7 @@ a scrape stays consistent while the next batch is applied.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import polars as pl
@@ -410,7 +411,17 @@ def _locate(table: pl.DataFrame, events: pl.DataFrame) -> pl.Series:
 
 def _merge_replication(joined: pl.DataFrame) -> pl.DataFrame:
     """The previous values of the rows (plain names, null for new VMs) merged with the reduced
-    batch (suffix `_new`), row by row."""
+    batch (suffix `_new`), row by row. One query, one collect."""
+    query = joined.lazy()
+    for stage in _merge_stages():
+        query = query.with_columns(*stage)
+    return query.collect()
+
+
+@functools.cache
+def _merge_stages() -> tuple[tuple[pl.Expr, ...], ...]:
+    """The expressions of `_merge_replication`, stage by stage, built once: building them took
+    about a fifth of the time of evaluating them over a batch of 40,000 events."""
     rank_new = pl.col(_RANK_NEW)
     rank_old = pl.col(_RANK_OLD)
     old_event = pl.col("status_event_ms").fill_null(-(2**62))
@@ -447,15 +458,14 @@ def _merge_replication(joined: pl.DataFrame) -> pl.DataFrame:
 
     # The ranks and the status decisions are columns of their own, each computed once: a
     # query run eagerly does not share common subexpressions, and the string lookups of the
-    # ranks (about 1 ms per 40,000 rows each) would run once per use. One query, one collect.
+    # ranks (about 1 ms per 40,000 rows each) would run once per use.
     return (
-        joined.lazy()
-        .with_columns(
+        (
             pl.col("status_new").replace_strict(STATUS_RANK, default=-1).alias(_RANK_NEW),
             pl.col("status").replace_strict(STATUS_RANK, default=-1).alias(_RANK_OLD),
-        )
-        .with_columns(takes.alias(_TAKES), interrupted.alias(_INTERRUPTED))
-        .with_columns(
+        ),
+        (takes.alias(_TAKES), interrupted.alias(_INTERRUPTED)),
+        (
             *strings.values(),
             # Which string values changed, compared once here (comparing strings costs about
             # ten to thirty times more than integers): for `_relabel` and `_write_rows`.
@@ -477,9 +487,8 @@ def _merge_replication(joined: pl.DataFrame) -> pl.DataFrame:
             *shifted("completed_cur", "completed_prev"),
             *shifted("missed_cur", "missed_prev"),
             bucket_now.alias("window_bucket"),
-        )
-        .with_columns(_max_of("last_event_ms"))
-        .collect()
+        ),
+        (_max_of("last_event_ms"),),
     )
 
 
