@@ -44,6 +44,7 @@ from rules.pack import RulePack
 logger = logging.getLogger(__name__)
 
 DEAD_LETTER_RETRY_MAX_S = 30.0
+COMMIT_ON_STOP_S = 5.0  # how long a stopping pipeline waits for its last commit
 
 
 def engine_settings(settings: Settings) -> EngineSettings:
@@ -202,15 +203,28 @@ class Service:
     async def _consume(self, source: Source) -> None:
         """Batches of one source, decoded, applied and committed in order. Decoding runs one
         batch ahead, on its own thread, while the batch before it is applied: on 2 cores the
-        two stages overlap instead of taking turns (bench/ingest). At most three batches are in
-        the pipeline: one being applied, one decoded and waiting, one being decoded."""
+        two stages overlap instead of taking turns (bench/ingest). A batch's commit (a round
+        trip to the broker) overlaps the next batch's apply, and commits stay in order. At most
+        three batches are in the pipeline besides the one being committed: one being applied,
+        one decoded and waiting, one being decoded."""
         decoded: asyncio.Queue[tuple[Batch, asyncio.Future[Decoded | list[StreamOutcome]]]] = asyncio.Queue(maxsize=1)
 
         async def apply_in_order() -> None:
-            while True:
-                batch, decoding = await decoded.get()
-                await self._apply(batch, await decoding)
-                await source.commit(batch)
+            committing: asyncio.Task[None] | None = None
+            try:
+                while True:
+                    batch, decoding = await decoded.get()
+                    await self._apply(batch, await decoding)
+                    if committing is not None:
+                        await committing  # in order: a later position never goes first
+                    committing = asyncio.create_task(source.commit(batch), name=f"commit-{source.name}")
+            finally:
+                if committing is not None:
+                    # Stopping: let the last commit land (or give up on it after a while; its
+                    # records are then delivered again, which changes nothing).
+                    await asyncio.wait({committing}, timeout=COMMIT_ON_STOP_S)
+                    committing.cancel()
+                    await asyncio.gather(committing, return_exceptions=True)
 
         applier = asyncio.create_task(apply_in_order(), name=f"apply-{source.name}")
         try:

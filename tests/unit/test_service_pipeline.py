@@ -107,3 +107,47 @@ async def test_a_failing_apply_stops_consuming_with_its_error() -> None:
         svc._executor.shutdown()
         svc._decoder.shutdown()
     assert source.committed == [0, 1]  # nothing after the failed batch is committed
+
+
+async def test_a_commit_overlaps_the_next_apply_and_commits_stay_in_order() -> None:
+    svc, source = service(), ListSource(10)
+    rng = random.Random(5)
+    events: list[tuple[str, int]] = []
+    applying = False
+    overlapped = 0
+    commit = source.commit
+
+    async def slow_commit(batch: Batch) -> None:
+        nonlocal overlapped
+        events.append(("commit", batch.offsets[0]))
+        await asyncio.sleep(rng.uniform(0.005, 0.02))  # a round trip to the broker
+        overlapped += applying  # the next batch was being applied meanwhile
+        await commit(batch)
+
+    async def decode(batch: Batch) -> object:
+        return None
+
+    async def apply(batch: Batch, decoded: object) -> None:
+        nonlocal applying
+        events.append(("apply", batch.offsets[0]))
+        applying = True
+        await asyncio.sleep(rng.uniform(0.005, 0.02))
+        applying = False
+
+    source.commit = slow_commit  # type: ignore[method-assign]
+    svc._decode = decode  # type: ignore[method-assign]
+    svc._apply = apply  # type: ignore[method-assign]
+    consuming = asyncio.create_task(svc._consume(source))  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(source.all_committed.wait(), 10)
+    finally:
+        consuming.cancel()
+        await asyncio.gather(consuming, return_exceptions=True)
+        svc._executor.shutdown()
+        svc._decoder.shutdown()
+    assert source.committed == list(range(10))
+    for n in range(10):
+        assert events.index(("apply", n)) < events.index(("commit", n))  # applied, then committed
+        if n:
+            assert events.index(("commit", n - 1)) < events.index(("commit", n))
+    assert overlapped > 0
