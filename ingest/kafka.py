@@ -403,15 +403,21 @@ class KafkaSource:
                 await _stop_quietly(consumer)
                 await asyncio.sleep(BACKOFF_INITIAL_S)
                 continue
-            if polled:
-                self._last_records = time.monotonic()
-                self._up = True
-                for batch in self._to_batches(polled):
-                    self._fetched.append((self._generation, self._next_seq, batch))
-                    self._next_seq += 1
-                self._hand_over_fetched()
+            self._keep(polled)
             if self._rebuilding:
                 await self._note_replay_progress(consumer)
+
+    def _keep(self, polled: dict[TopicPartition, list[Any]]) -> None:
+        """Take what a getmany returned: as batches, queued while there is room, held back in
+        order after that. Nothing aiokafka returned is ever dropped: its position has moved."""
+        if not polled:
+            return
+        self._last_records = time.monotonic()
+        self._up = True
+        for batch in self._to_batches(polled):
+            self._fetched.append((self._generation, self._next_seq, batch))
+            self._next_seq += 1
+        self._hand_over_fetched()
 
     def _in_flight(self) -> int:
         return len(self._queue) + len(self._delivered)
@@ -447,7 +453,9 @@ class KafkaSource:
             self.pauses += 1
             logger.info("kafka: %d batches in flight for %.0f s; paused %d partitions", self._in_flight(), PAUSE_AFTER_S, len(unpaused))
         try:
-            await consumer.getmany(timeout_ms=self._settings.poll_timeout_ms, max_records=1)
+            # Returns nothing while every partition is paused; but a partition assigned meanwhile
+            # is resumed once its starting offsets are known, and what it returns is kept.
+            self._keep(await consumer.getmany(timeout_ms=self._settings.poll_timeout_ms))
         except KafkaError:
             pass  # the next round trip reports it
         return False

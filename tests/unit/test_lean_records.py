@@ -1,7 +1,8 @@
 """Kafka records as chunks (ingest/lean_records.py), over record batches built by aiokafka's own
 builders: the offsets and values of every record at or after the fetch position, nothing else;
-the position advanced as aiokafka advances it; every other consumer unchanged. And the source
-cutting what one getmany returned into batches of at most `max_batch_records` records."""
+the position advanced as aiokafka advances it; every other consumer unchanged. And what the
+Kafka source does with a getmany's records: batches of at most `max_batch_records` records,
+none dropped, not even those a poll made while paused returns."""
 
 from __future__ import annotations
 
@@ -120,3 +121,43 @@ def test_one_getmany_is_cut_into_batches_of_at_most_max_batch_records() -> None:
         (Stream.BACKUP, [b"g"], [0], [0], {("bak", 0): 1}),
     ]
     assert all(b.topics == ["rep"] * len(b) for b in batches[:2])
+
+
+class PausedConsumer:
+    """What the fetch task sees while the pipeline is full: every partition gets paused, but one
+    assigned meanwhile has been resumed (its starting offsets became known) and returns records."""
+
+    def __init__(self) -> None:
+        self.assigned = {TopicPartition("rep", 0)}
+        self.paused_tps: set[TopicPartition] = set()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.paused_tps)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused_tps |= set(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused_tps -= set(tps)
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Chunk]]:
+        return {TopicPartition("rep", 1): [Chunk(range(5, 7), [b"x", b"y"])]}
+
+
+async def test_records_returned_by_the_paused_poll_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingest import kafka
+    from ingest.source import Batch
+
+    monkeypatch.setattr(kafka, "PAUSE_AFTER_S", 0.01)
+    source = KafkaSource(KafkaSettings("localhost:9", "g", {Stream.REPLICATION: "rep"}, max_in_flight_batches=1))
+    source._delivered.append(Batch("kafka", Stream.REPLICATION, [b"a"], ["rep"], [0], [0], 0, {("rep", 0): 1}))
+    consumer = PausedConsumer()
+    assert await source._wait_for_room(consumer) is False  # type: ignore[arg-type]
+    assert consumer.paused() == {TopicPartition("rep", 0)} and source.pauses == 1
+    # Held back (the pipeline is still full), in order, not dropped: aiokafka's position moved.
+    [(_, _, kept)] = source._fetched
+    assert (kept.payloads, kept.offsets, kept.positions) == ([b"x", b"y"], [5, 6], {("rep", 1): 7})
+    assert not source._queue
