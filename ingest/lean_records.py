@@ -2,11 +2,11 @@
 
 For every record it returns, aiokafka builds a `ConsumerRecord` (a dataclass of eleven fields,
 with the key and value sizes and a tuple of headers) and passes it through two generators:
-about 1.1-1.4 CPU-µs per record, more than decoding the record's JSON costs. rpowatch reads
-only each record's offset and value (the payload is decoded in bulk later, the partition is the
-key of `getmany`'s answer), so its consumers ask for a `Chunk` per record batch instead: one
-list comprehension over the batch, and its offsets kept as a range where they have no gap,
-about 0.2 µs per record (bench/README.md, "Ingest").
+about 3 CPU-µs per record in bench.ingest's runs (CRCs checked), more than decoding the
+record's JSON. rpowatch reads only each record's offset and value (the payload is decoded in
+bulk later, the partition is the key of `getmany`'s answer), so its consumers ask for a `Chunk`
+per record batch instead: one list comprehension over the batch, and its offsets kept as a range where
+they have no gap: about a fifth of that (bench.ingest prints both; bench/RESULTS.md).
 
 How: aiokafka's fetcher builds one `PartitionRecords` per fetched partition, handing it the
 consumer's `value_deserializer`. `install()` puts a subclass in its place whose records, when

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -46,6 +46,26 @@ def service() -> Service:
     return Service(settings, load_rule_packs(settings), [], MemoryDeadLetterSink())
 
 
+async def consume_until_committed(
+    svc: Service,
+    source: ListSource,
+    decode: Callable[[Batch], Awaitable[object]],
+    apply: Callable[[Batch, object], Awaitable[None]],
+) -> None:
+    """Run the service's pipeline over `source` with these decode and apply steps until every
+    batch is committed, then stop it."""
+    svc._decode = decode  # type: ignore[method-assign,assignment]
+    svc._apply = apply  # type: ignore[method-assign,assignment]
+    consuming = asyncio.create_task(svc._consume(source))  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(source.all_committed.wait(), 10)
+    finally:
+        consuming.cancel()
+        await asyncio.gather(consuming, return_exceptions=True)
+        svc._executor.shutdown()
+        svc._decoder.shutdown()
+
+
 async def test_batches_are_applied_and_committed_in_order_while_the_next_is_decoded() -> None:
     svc, source = service(), ListSource(12)
     rng = random.Random(3)
@@ -68,16 +88,7 @@ async def test_batches_are_applied_and_committed_in_order_while_the_next_is_deco
         events.append(("apply", batch.offsets[0]))
         await asyncio.sleep(rng.uniform(0, 0.01))
 
-    svc._decode = decode  # type: ignore[method-assign]
-    svc._apply = apply  # type: ignore[method-assign]
-    consuming = asyncio.create_task(svc._consume(source))  # type: ignore[arg-type]
-    try:
-        await asyncio.wait_for(source.all_committed.wait(), 10)
-    finally:
-        consuming.cancel()
-        await asyncio.gather(consuming, return_exceptions=True)
-        svc._executor.shutdown()
-        svc._decoder.shutdown()
+    await consume_until_committed(svc, source, decode, apply)
     assert source.committed == list(range(12))
     assert [n for what, n in events if what == "apply"] == list(range(12))
     # Each batch is decoded before it is applied, and at most two batches ahead of the applied ones.
@@ -135,16 +146,7 @@ async def test_a_commit_overlaps_the_next_apply_and_commits_stay_in_order() -> N
         applying = False
 
     source.commit = slow_commit  # type: ignore[method-assign]
-    svc._decode = decode  # type: ignore[method-assign]
-    svc._apply = apply  # type: ignore[method-assign]
-    consuming = asyncio.create_task(svc._consume(source))  # type: ignore[arg-type]
-    try:
-        await asyncio.wait_for(source.all_committed.wait(), 10)
-    finally:
-        consuming.cancel()
-        await asyncio.gather(consuming, return_exceptions=True)
-        svc._executor.shutdown()
-        svc._decoder.shutdown()
+    await consume_until_committed(svc, source, decode, apply)
     assert source.committed == list(range(10))
     for n in range(10):
         assert events.index(("apply", n)) < events.index(("commit", n))  # applied, then committed
