@@ -365,28 +365,42 @@ def node_view(state: FleetState, now_ms: int, params: ViewParams, stalled_source
 
 
 def cluster_view(nodes: pl.DataFrame, state: FleetState, aggregates: Aggregates) -> pl.DataFrame:
-    """Per instance: IOPS headroom, N+1 memory capacity, replication throughput, clock skew."""
-    up = nodes.filter(pl.col("up") == 1)
-    free = (pl.col("memory_bytes") - pl.col("memory_used_bytes")).cast(pl.Float64)
-    largest = pl.col("memory_used_bytes").arg_max()
-    per_cluster = up.group_by("hci_cluster").agg(
-        (1.0 - pl.col("iops_used").sum() / pl.col("iops_capacity").sum()).alias("iops_headroom_ratio"),
+    """Per instance: IOPS headroom, N+1 memory capacity, replication throughput, clock skew.
+    The sums are over the nodes that are up (null when none is)."""
+    up = pl.col("up") == 1
+
+    def of_up(column: str) -> pl.Expr:
+        return pl.when(up).then(pl.col(column))
+
+    free = of_up("memory_bytes") - of_up("memory_used_bytes")
+    largest = of_up("memory_used_bytes").arg_max()  # among the nodes up; null when none is
+    figures = {
+        "iops_headroom_ratio": 1.0 - of_up("iops_used").sum() / of_up("iops_capacity").sum(),
         # If the node running the most memory fails, the others' free memory must take it.
-        ((free.sum() - free.get(largest)) / pl.col("memory_used_bytes").get(largest).cast(pl.Float64)).alias(
-            "failover_capacity_ratio"
-        ),
-        pl.col("net_capacity_bytes_per_s").sum().alias("net_capacity_bytes_per_s"),
-        pl.col("net_replication_bytes_per_s").sum().alias("replication_bytes_per_s"),
-        pl.len().alias("nodes_up"),
+        "failover_capacity_ratio": (free.sum() - free.get(largest)).cast(pl.Float64)
+        / of_up("memory_used_bytes").get(largest).cast(pl.Float64),
+        "net_capacity_bytes_per_s": of_up("net_capacity_bytes_per_s").sum(),
+        "replication_bytes_per_s": of_up("net_replication_bytes_per_s").sum(),
+    }
+    # One group-by over every node: the nodes up are picked inside it.
+    per_cluster = nodes.group_by("hci_cluster").agg(
+        pl.len().alias("nodes"),
+        up.sum().cast(pl.UInt32).alias("nodes_up"),
+        *[value.alias(name) for name, value in figures.items()],
     )
-    known = nodes.group_by("hci_cluster").agg(pl.len().alias("nodes"))
-    replica_load = aggregates.links.group_by("target").agg(pl.col("vms").sum().alias("replica_vms"))
     skew = state.clusters.select(pl.col("cluster_id").alias("hci_cluster"), pl.col("clock_skew_s").alias("clock_skew_seconds"))
     return (
-        known.join(per_cluster, on="hci_cluster", how="left")
-        .join(replica_load.rename({"target": "hci_cluster"}), on="hci_cluster", how="left")
+        per_cluster.with_columns(pl.when(pl.col("nodes_up") > 0).then(pl.col(name)).alias(name) for name in figures)
+        .join(aggregates.replica_vms, on="hci_cluster", how="left")
         .join(skew, on="hci_cluster", how="full", coalesce=True)
-        .with_columns(pl.col("replica_vms").fill_null(0), pl.col("nodes_up").fill_null(0), pl.col("nodes").fill_null(0))
+        .select(
+            "hci_cluster",
+            pl.col("nodes").fill_null(0),
+            *figures,
+            pl.col("nodes_up").fill_null(0),
+            pl.col("replica_vms").fill_null(0),
+            "clock_skew_seconds",
+        )
     )
 
 
@@ -517,6 +531,8 @@ class Aggregates:
     # wherever its link key is still the one seen here (see `link_rows`).
     link_row: pl.Series
     pairing: Pairing
+    # Per target instance: the replicated VMs whose replicas it holds (hci_cluster, replica_vms).
+    replica_vms: pl.DataFrame
     gather_memo: GatherMemo = field(default_factory=GatherMemo, compare=False)
 
     def summarises(self, table: pl.DataFrame) -> bool:
@@ -587,7 +603,10 @@ def summarise(state: FleetState, now_ms: int, previous: Aggregates | None = None
     pairing = previous.pairing if previous is not None else None
     if pairing is None or not pairing.reusable(replication, state.backup):
         pairing = Pairing.of(replication, state.backup)
-    return Aggregates(replication, now_ms, links_frame, groups_frame, storage_frame, link_row, pairing)
+    replica_vms = links_frame.group_by(pl.col("target").alias("hci_cluster")).agg(
+        pl.col("vms").sum().alias("replica_vms")
+    )
+    return Aggregates(replication, now_ms, links_frame, groups_frame, storage_frame, link_row, pairing, replica_vms)
 
 
 def _same_column(table: pl.DataFrame, earlier: pl.DataFrame, name: str) -> bool:
@@ -679,29 +698,38 @@ def _vm(state: FleetState, now_ms: int, aggregates: Aggregates) -> pl.DataFrame:
             ]
         )
     )
-    pairing = aggregates.pairing
-    of_late_backups = pairing.partners(late_backups, backup, replication, of_replication=False)
-    only_backup_late = ~of_late_backups.is_in(late_replicas.implode()).fill_null(False)  # else found above
-    r = pl.concat([late_replicas, of_late_backups.filter(only_backup_late)])
-    b = pl.concat(
-        [
-            pairing.partners(late_replicas, replication, backup, of_replication=True),
-            late_backups.filter(only_backup_late),
-        ]
+    # Rows whose policy is unknown (a null RPO) are neither late nor within it. Usually none:
+    # a null count is known without a pass.
+    unknown_replicas, unknown_backups = (
+        table.select(pl.arg_where(pl.col(rpo).is_null()).cast(pl.UInt32)).to_series()
+        if table.get_column(rpo).null_count()
+        else pl.Series(dtype=pl.UInt32)
+        for table, rpo in ((replication, "rpo_target_s"), (backup, "backup_rpo_s"))
     )
-    # Only the columns read, gathered at the few rows (a null row gives nulls).
-    replica = replication.select(
-        pl.col("vm_id", "cluster_id", "last_recovery_point_ms", "first_seen_ms", "rpo_target_s").gather(r)
-    ).select("vm_id", "cluster_id", replica_late.alias("late"))
-    backups = backup.select(
-        pl.col("vm_id", "cluster_id", "last_success_ms", "first_seen_ms", "backup_rpo_s").gather(b)
-    ).select("vm_id", "cluster_id", backup_late.alias("late"))
+    pairing = aggregates.pairing
+    # The VMs with a late replica (their backup row, if any), then those with a late backup
+    # and no late replica (their replication row, if any): each VM once, found on positions.
+    backup_of_late = pairing.partners(late_replicas, replication, backup, of_replication=True)
+    replica_of_late = pairing.partners(late_backups, backup, replication, of_replication=False)
+    only_backup_late = ~replica_of_late.is_in(late_replicas.implode()).fill_null(False)
+    r = pl.concat([late_replicas, replica_of_late.filter(only_backup_late)])
+    b = pl.concat([backup_of_late, late_backups.filter(only_backup_late)])
+    first = late_replicas.len()
+    late = pl.int_range(r.len(), dtype=pl.UInt32, eager=True) < first  # the first: replica late
+    # A partner found for a late backup is not late itself (else the VM is among the first).
+    replica_within = ~late & r.is_not_null() & ~r.is_in(unknown_replicas.implode()).fill_null(False)
+    backup_within = (
+        late & b.is_not_null() & ~b.is_in(pl.concat([late_backups, unknown_backups]).implode()).fill_null(False)
+    )
+    # Only the labels are gathered, at the few rows (a null row gives nulls).
+    replica = replication.select(pl.col("vm_id", "cluster_id").gather(r))
+    backups = backup.select(pl.col("vm_id", "cluster_id").gather(b))
     return pl.DataFrame(
         {
             "vm": replica.get_column("vm_id").fill_null(backups.get_column("vm_id")),
             "hci_cluster": replica.get_column("cluster_id").fill_null(backups.get_column("cluster_id")),
-            "replica_within_rpo": (~replica.get_column("late")).fill_null(False),
-            "backup_within_rpo": (~backups.get_column("late")).fill_null(False),
+            "replica_within_rpo": replica_within,
+            "backup_within_rpo": backup_within,
             "replicated": r.is_not_null(),
             "backed_up": b.is_not_null(),
         }
@@ -720,6 +748,7 @@ def identity(entity: str) -> pl.Expr:
 # Columns of `vm_replication` that need the VM's link (a join); queries that use none skip it.
 NEEDS_LINK = frozenset({"time_to_breach_seconds", "next_transfer_seconds", "link_saturation_ratio", "health_state"})
 _PER_VM = ("vm_replication", "vm_backup")
+_SOURCE_VIEWS = ("source", "source_stream", "source_partition")
 
 
 class Views:
@@ -802,9 +831,13 @@ class Views:
         params, now_ms = self._params, self.now_ms
         if entity in _PER_VM:
             return self.lazy(entity).drop(ROW, IDENTITY).collect(engine="streaming")
-        if entity in ("source", "source_stream", "source_partition"):
-            per_source, per_stream, per_partition = source_views(self._sources, now_ms, params)
-            return {"source": per_source, "source_stream": per_stream, "source_partition": per_partition}[entity]
+        if entity in _SOURCE_VIEWS:
+            # The three come from one frame: built together, kept together.
+            built = dict(zip(_SOURCE_VIEWS, source_views(self._sources, now_ms, params)))
+            with self._lock:
+                for name, frame in built.items():
+                    self._frames.setdefault(name, frame)
+            return built[entity]
         if entity == "node":
             stalled = self.of("source").filter(pl.col("seconds_since_last_event") > params.ingest_stall_s)
             return node_view(self._state, now_ms, params, stalled.get_column("source").to_list())

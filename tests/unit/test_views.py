@@ -13,7 +13,7 @@ from polars.testing import assert_frame_equal
 from bench.tick import NOW0_MS, build_state, due_cycles, load_engine
 from rules import state
 from rules.engine import TickResult
-from rules.views import Aggregates, GatherMemo, Pairing, ViewParams, _with_prediction, summarise
+from rules.views import Aggregates, GatherMemo, Pairing, ViewParams, _vm, _with_prediction, summarise
 
 
 def table(names: list[int], collide: bool = False) -> pl.DataFrame:
@@ -232,3 +232,57 @@ def test_time_to_breach_is_the_earlier_of_the_two_signals() -> None:
     want = pl.concat([base, links], how="horizontal").select(pl.min_horizontal(trend, backlog)).to_series()
     assert got.eq_missing(want).all()
     assert got.is_finite().sum() > n // 10  # both answers occur
+
+
+# --- the `vm` view: both kinds of protection side by side, for VMs out of policy ----------------
+
+_FLEET = build_state(1_200, 100)
+
+
+def vm_view_by_join(fleet: state.FleetState, now_ms: int) -> pl.DataFrame:
+    """What `vm` must hold, by the obvious full join on `vm_id` (late: behind its RPO; a null
+    RPO is neither late nor within it)."""
+    def side(table: pl.DataFrame, last: str, rpo: str, prefix: str) -> pl.DataFrame:
+        late = pl.coalesce(last, "first_seen_ms") < now_ms - pl.col(rpo) * 1000
+        return table.select("vm_id", pl.col("cluster_id").alias(f"{prefix}_cluster"), late.alias(f"{prefix}_late"), pl.lit(True).alias(f"{prefix}_has"))
+
+    joined = side(fleet.replication, "last_recovery_point_ms", "rpo_target_s", "r").join(
+        side(fleet.backup, "last_success_ms", "backup_rpo_s", "b"), on="vm_id", how="full", coalesce=True
+    )
+    return joined.filter(pl.col("r_late").fill_null(False) | pl.col("b_late").fill_null(False)).select(
+        pl.col("vm_id").alias("vm"),
+        pl.coalesce("r_cluster", "b_cluster").alias("hci_cluster"),
+        (pl.col("r_late") == False).fill_null(False).alias("replica_within_rpo"),  # noqa: E712
+        (pl.col("b_late") == False).fill_null(False).alias("backup_within_rpo"),  # noqa: E712
+        pl.col("r_has").fill_null(False).alias("replicated"),
+        pl.col("b_has").fill_null(False).alias("backed_up"),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    replicas_then=st.integers(600, 1_200),
+    backups_then=st.integers(600, 1_200),
+    clock_s=st.integers(0, 7_200),
+)
+def test_the_vm_view_agrees_with_a_join_on_vm_id(seed: int, replicas_then: int, backups_then: int, clock_s: int) -> None:
+    """On random fleets: VMs missing from either table, null RPOs, and rows appended to both
+    tables since the pairing was made (looked up at the tick, not paired)."""
+    rng = random.Random(seed)
+    keep = pl.Series([rng.random() < 0.8 for _ in range(_FLEET.backup.height)])
+    null_rpo = pl.Series([rng.random() < 0.05 for _ in range(_FLEET.replication.height)])
+    backup = _FLEET.backup.filter(keep).sample(fraction=1.0, shuffle=True, seed=seed)
+    replication = _FLEET.replication.with_columns(
+        pl.when(null_rpo).then(None).otherwise(pl.col("rpo_target_s")).alias("rpo_target_s")
+    )
+    now_ms = NOW0_MS + clock_s * 1000
+    earlier = replace(_FLEET, replication=replication.head(replicas_then), backup=backup.head(backups_then))
+    fleet = replace(_FLEET, replication=replication, backup=backup)
+    aggregates = summarise(earlier, now_ms)
+    if not aggregates.pairing.reusable(fleet.replication, fleet.backup):  # too many rows since
+        aggregates = replace(summarise(fleet, now_ms), pairing=aggregates.pairing)
+    got = _vm(fleet, now_ms, aggregates).sort("vm")
+    want = vm_view_by_join(fleet, now_ms).sort("vm")
+    assert_frame_equal(got, want)
+    assert got.height > 0
