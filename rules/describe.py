@@ -73,16 +73,25 @@ class Describer:
     ) -> pl.DataFrame:
         if rows.is_empty():
             return pl.DataFrame(schema=schema)
+        # Per entity, one query for the rows of all its rules; then each rule's rows, eagerly.
+        per_rule = {cast(int, rule): part.get_column("row") for (rule,), part in rows.group_by("rule")}
+        by_entity: dict[str, list[int]] = {}
+        for index in sorted(per_rule):
+            by_entity.setdefault(self.rules[index].spec.entity, []).append(index)
+        exprs = {index: columns(index) for index in per_rule}
         queries = []
-        for (rule,), part in rows.group_by("rule"):
-            index = cast(int, rule)
-            exprs = columns(index)
+        for entity, indices in by_entity.items():
             # The columns the expressions read, so that a view skips what they do not need
             # (labels never need the VM's link figures).
-            read = set().union(*(e.meta.root_names() for e in exprs))
-            entity = self.rules[index].spec.entity
-            queries.append(views.lazy(entity, read, rows=part.get_column("row").sort()).select(exprs))
-        return pl.concat(pl.collect_all(queries))
+            read = set().union(*(e.meta.root_names() for i in indices for e in exprs[i]))
+            wanted = pl.concat([per_rule[i] for i in indices]).unique().sort()
+            queries.append(views.lazy(entity, read, rows=wanted))
+        frames = []
+        for (entity, indices), frame in zip(by_entity.items(), pl.collect_all(queries)):
+            for index in indices:
+                mine = frame if len(indices) == 1 else frame.filter(pl.col(ROW).is_in(per_rule[index].implode()))
+                frames.append(mine.select(exprs[index]))
+        return pl.concat(frames)
 
     def _identity(self, index: int) -> list[pl.Expr]:
         spec = self.rules[index].spec

@@ -277,8 +277,10 @@ class Engine:
             for group in ([i for i in indices if i not in linked], linked):
                 if not group:
                     continue
-                query = views.lazy(entity, set(keys).union(*(reads[i] for i in group)))
-                if held and "hci_cluster" in ENTITIES[entity].labels:
+                holding = bool(held) and "hci_cluster" in ENTITIES[entity].labels
+                read = set(keys).union(*(reads[i] for i in group), ["hci_cluster"] if holding else [])
+                query = views.lazy(entity, read)
+                if holding:
                     query = query.filter(~pl.col("hci_cluster").is_in(held).fill_null(False))
                 flags = [f"__c{i}" for i in group]
                 conditions = [self.pack.rules[i].condition.fill_null(False).alias(f) for i, f in zip(group, flags)]

@@ -13,6 +13,8 @@ while so that senders can repeat the resolve.
 
 from __future__ import annotations
 
+from typing import cast
+
 import polars as pl
 
 PENDING = "pending"
@@ -161,8 +163,8 @@ def _per_rule(rule_timing: pl.DataFrame, *tables: pl.DataFrame) -> tuple[pl.Expr
     """Each row's `for` and `keep_firing_for`, by its rule: a gather from a table indexed by rule
     (0 for a rule `rule_timing` does not list), measured ten times cheaper than a replace over
     the whole alert table."""
-    rules = [rule_timing, *tables]
-    size = max((int(m) + 1 for t in rules if (m := t.get_column("rule").max()) is not None), default=1)
+    highest = [t.get_column("rule").max() for t in (rule_timing, *tables)]
+    size = max((int(cast(int, m)) + 1 for m in highest if m is not None), default=1)
     timing = rule_timing.rows_by_key("rule", unique=True)
     columns = (
         pl.Series([timing.get(r, (0, 0))[k] for r in range(size)], dtype=pl.Int64) for k in (0, 1)

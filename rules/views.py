@@ -19,7 +19,7 @@ exceeds the RPO" or +Inf:
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -116,58 +116,86 @@ def _window_count(now_ms: int, window_ms: int, cur: str, prev: str) -> pl.Expr:
     return current.cast(pl.Float64) + previous.cast(pl.Float64) * inside
 
 
+# A view's columns, each built only when asked for: a query reading three columns of a view
+# does not pay for building (and planning) the thirty others.
+_Columns = dict[str, Callable[[], pl.Expr]]
+
+
+def _selected(columns: _Columns, wanted: Collection[str] | None) -> list[pl.Expr]:
+    """The expressions of the `wanted` columns (all if None), in the view's order, with `ROW`
+    and `IDENTITY` always."""
+    return [build() for name, build in columns.items() if wanted is None or name in wanted or name in (ROW, IDENTITY)]
+
+
+def _column(name: str) -> Callable[[], pl.Expr]:
+    return lambda: pl.col(name)
+
+
 def _replication_base(
-    state: FleetState, now_ms: int, params: ViewParams, rows: pl.Series | None = None
+    state: FleetState,
+    now_ms: int,
+    params: ViewParams,
+    rows: pl.Series | None = None,
+    wanted: Collection[str] | None = None,
 ) -> pl.LazyFrame:
-    """Every VM's replication columns that need no other table, with its row number (`ROW`);
-    only the rows numbered `rows`, if given."""
+    """Every VM's replication columns that need no other table (only the `wanted` ones, if
+    given), with its row number (`ROW`); only the rows numbered `rows`, if given."""
     window_ms = int(params.monitoring_window_s * 1000)
-    frequency = pl.col("frequency_s").cast(pl.Float64)
-    observed_s = pl.min_horizontal(pl.lit(params.monitoring_window_s), _seconds_since(now_ms, "first_seen_ms"))
-    expected = observed_s / frequency
-    completed = _window_count(now_ms, window_ms, "completed_cur", "completed_prev")
-    missed = _window_count(now_ms, window_ms, "missed_cur", "missed_prev")
-    # A cycle counts as missed when no log was sent within the interval (Hyper-V Replica).
-    missed_ratio = pl.max_horizontal(1.0 - completed / expected, missed / expected).clip(0.0, 1.0)
-    return (
-        _numbered(state.replication, rows)
-        .with_columns(pl.coalesce("last_recovery_point_ms", "first_seen_ms").alias("lag_from_ms"))
-        .select(
-            ROW,
-            pl.col("identity_key").alias(IDENTITY),
-            pl.col("vm_id").alias("vm"),
-            pl.col("cluster_id").alias("hci_cluster"),
-            pl.col("target_id").alias("target"),
-            pl.col("link_key"),
-            pl.col("technology"),
-            pl.col("service_group"),
-            pl.col("storage_path_id").alias("storage_path"),
-            pl.col("status"),
-            pl.col("frequency_s"),
-            _epoch_seconds("last_recovery_point_ms").alias("last_recovery_point_seconds"),
-            # A VM that never completed a cycle is unrecoverable since we first heard of it.
-            _seconds_since(now_ms, "lag_from_ms").alias("lag_seconds"),
-            pl.col("rpo_target_s").alias("rpo_target_seconds"),
-            pl.col("pending_bytes"),
-            pl.col("vhd_bytes"),
-            pl.col("churn_bytes_per_s"),
-            _seconds_since(now_ms, "status_since_ms").alias("status_age_seconds"),
-            _epoch_seconds("last_failover_test_ms").alias("last_failover_test_seconds"),
-            _seconds_since(now_ms, pl.coalesce("last_failover_test_ms", "first_seen_ms")).alias(
-                "failover_test_age_seconds"
-            ),
-            pl.col("failover_test_max_age_s").alias("failover_test_max_age_seconds"),
-            pl.when(expected >= 1).then(missed_ratio).otherwise(0.0).alias("missed_cycles_ratio"),
-            expected.alias("expected_cycles"),
-            (
-                (pl.col("status") == "resync_required")
-                | (
-                    pl.col("pending_bytes").cast(pl.Float64)
-                    > params.resync_pending_ratio * pl.col("vhd_bytes").cast(pl.Float64)
-                ).fill_null(False)
-            ).alias("resync_needed"),
-        )
-    )
+
+    def expected() -> pl.Expr:
+        observed_s = pl.min_horizontal(pl.lit(params.monitoring_window_s), _seconds_since(now_ms, "first_seen_ms"))
+        return observed_s / pl.col("frequency_s").cast(pl.Float64)
+
+    def missed_ratio() -> pl.Expr:
+        completed = _window_count(now_ms, window_ms, "completed_cur", "completed_prev")
+        missed = _window_count(now_ms, window_ms, "missed_cur", "missed_prev")
+        # A cycle counts as missed when no log was sent within the interval (Hyper-V Replica).
+        ratio = pl.max_horizontal(1.0 - completed / expected(), missed / expected()).clip(0.0, 1.0)
+        return pl.when(expected() >= 1).then(ratio).otherwise(0.0)
+
+    def resync_needed() -> pl.Expr:
+        pending = pl.col("pending_bytes").cast(pl.Float64)
+        over = (pending > params.resync_pending_ratio * pl.col("vhd_bytes").cast(pl.Float64)).fill_null(False)
+        return (pl.col("status") == "resync_required") | over
+
+    columns: _Columns = {
+        ROW: lambda: pl.col(ROW),
+        IDENTITY: lambda: pl.col("identity_key").alias(IDENTITY),
+        "vm": lambda: pl.col("vm_id").alias("vm"),
+        "hci_cluster": lambda: pl.col("cluster_id").alias("hci_cluster"),
+        "target": lambda: pl.col("target_id").alias("target"),
+        "link_key": lambda: pl.col("link_key"),
+        "technology": lambda: pl.col("technology"),
+        "service_group": lambda: pl.col("service_group"),
+        "storage_path": lambda: pl.col("storage_path_id").alias("storage_path"),
+        "status": lambda: pl.col("status"),
+        "frequency_s": lambda: pl.col("frequency_s"),
+        "last_recovery_point_seconds": lambda: _epoch_seconds("last_recovery_point_ms").alias(
+            "last_recovery_point_seconds"
+        ),
+        # A VM that never completed a cycle is unrecoverable since we first heard of it.
+        "lag_seconds": lambda: _seconds_since(now_ms, pl.coalesce("last_recovery_point_ms", "first_seen_ms")).alias(
+            "lag_seconds"
+        ),
+        "rpo_target_seconds": lambda: pl.col("rpo_target_s").alias("rpo_target_seconds"),
+        "pending_bytes": lambda: pl.col("pending_bytes"),
+        "vhd_bytes": lambda: pl.col("vhd_bytes"),
+        "churn_bytes_per_s": lambda: pl.col("churn_bytes_per_s"),
+        "status_age_seconds": lambda: _seconds_since(now_ms, "status_since_ms").alias("status_age_seconds"),
+        "last_failover_test_seconds": lambda: _epoch_seconds("last_failover_test_ms").alias(
+            "last_failover_test_seconds"
+        ),
+        "failover_test_age_seconds": lambda: _seconds_since(
+            now_ms, pl.coalesce("last_failover_test_ms", "first_seen_ms")
+        ).alias("failover_test_age_seconds"),
+        "failover_test_max_age_seconds": lambda: pl.col("failover_test_max_age_s").alias(
+            "failover_test_max_age_seconds"
+        ),
+        "missed_cycles_ratio": lambda: missed_ratio().alias("missed_cycles_ratio"),
+        "expected_cycles": lambda: expected().alias("expected_cycles"),
+        "resync_needed": lambda: resync_needed().alias("resync_needed"),
+    }
+    return _numbered(state.replication, rows).select(_selected(columns, wanted))
 
 
 def _link_columns(
@@ -264,32 +292,42 @@ def _with_prediction(base: pl.LazyFrame, link_columns: pl.LazyFrame, params: Vie
     )
 
 
-def _backup(state: FleetState, now_ms: int, rows: pl.Series | None = None) -> pl.LazyFrame:
-    age_days = (_seconds_since(now_ms, "first_seen_ms") / DAY_S).floor()
-    # A tier can only hold as many points as the VM has been protected for.
-    reachable = {"daily": age_days, "weekly": (age_days / 7).floor(), "monthly": (age_days / 30).floor(),
-                 "yearly": (age_days / 365).floor()}
-    shortfall = [
-        (pl.col(f"{t}_points") < pl.min_horizontal(pl.col(f"retention_{t}"), reachable[t])).fill_null(False)
-        for t in TIERS
-    ]
-    return _numbered(state.backup, rows).select(
-        ROW,
-        pl.col("identity_key").alias(IDENTITY),
-        pl.col("vm_id").alias("vm"),
-        pl.col("cluster_id").alias("hci_cluster"),
-        _epoch_seconds("last_success_ms").alias("last_success_seconds"),
-        _seconds_since(now_ms, pl.coalesce("last_success_ms", "first_seen_ms")).alias("backup_age_seconds"),
-        pl.col("backup_rpo_s").alias("backup_rpo_target_seconds"),
-        pl.col("consecutive_failures"),
-        _epoch_seconds("last_restore_test_ms").alias("last_restore_test_seconds"),
-        _seconds_since(now_ms, pl.coalesce("last_restore_test_ms", "first_seen_ms")).alias(
-            "restore_test_age_seconds"
+def _backup(
+    state: FleetState, now_ms: int, rows: pl.Series | None = None, wanted: Collection[str] | None = None
+) -> pl.LazyFrame:
+    def retention_compliant() -> pl.Expr:
+        age_days = (_seconds_since(now_ms, "first_seen_ms") / DAY_S).floor()
+        # A tier can only hold as many points as the VM has been protected for.
+        reachable = {"daily": age_days, "weekly": (age_days / 7).floor(), "monthly": (age_days / 30).floor(),
+                     "yearly": (age_days / 365).floor()}
+        shortfall = [
+            (pl.col(f"{t}_points") < pl.min_horizontal(pl.col(f"retention_{t}"), reachable[t])).fill_null(False)
+            for t in TIERS
+        ]
+        return ~pl.col("tiers_reported") | ~pl.any_horizontal(shortfall)
+
+    columns: _Columns = {
+        ROW: lambda: pl.col(ROW),
+        IDENTITY: lambda: pl.col("identity_key").alias(IDENTITY),
+        "vm": lambda: pl.col("vm_id").alias("vm"),
+        "hci_cluster": lambda: pl.col("cluster_id").alias("hci_cluster"),
+        "last_success_seconds": lambda: _epoch_seconds("last_success_ms").alias("last_success_seconds"),
+        "backup_age_seconds": lambda: _seconds_since(now_ms, pl.coalesce("last_success_ms", "first_seen_ms")).alias(
+            "backup_age_seconds"
         ),
-        pl.col("restore_test_max_age_s").alias("restore_test_max_age_seconds"),
-        *[pl.col(f"{t}_points") for t in TIERS],
-        (~pl.col("tiers_reported") | ~pl.any_horizontal(shortfall)).alias("retention_compliant"),
-    )
+        "backup_rpo_target_seconds": lambda: pl.col("backup_rpo_s").alias("backup_rpo_target_seconds"),
+        "consecutive_failures": lambda: pl.col("consecutive_failures"),
+        "last_restore_test_seconds": lambda: _epoch_seconds("last_restore_test_ms").alias(
+            "last_restore_test_seconds"
+        ),
+        "restore_test_age_seconds": lambda: _seconds_since(
+            now_ms, pl.coalesce("last_restore_test_ms", "first_seen_ms")
+        ).alias("restore_test_age_seconds"),
+        "restore_test_max_age_seconds": lambda: pl.col("restore_test_max_age_s").alias("restore_test_max_age_seconds"),
+        **{f"{t}_points": _column(f"{t}_points") for t in TIERS},
+        "retention_compliant": lambda: retention_compliant().alias("retention_compliant"),
+    }
+    return _numbered(state.backup, rows).select(_selected(columns, wanted))
 
 
 def source_views(
@@ -745,6 +783,11 @@ def identity(entity: str) -> pl.Expr:
     return identity_hash([pl.col(c) for c in ENTITIES[entity].labels])
 
 
+# Columns of the replication base that `_with_prediction` reads.
+_PREDICTION_READS = frozenset(
+    {"lag_seconds", "rpo_target_seconds", "frequency_s", "churn_bytes_per_s", "pending_bytes", "status",
+     "resync_needed", "missed_cycles_ratio", "link_key"}
+)
 # Columns of `vm_replication` that need the VM's link (a join); queries that use none skip it.
 NEEDS_LINK = frozenset({"time_to_breach_seconds", "next_transfer_seconds", "link_saturation_ratio", "health_state"})
 _PER_VM = ("vm_replication", "vm_backup")
@@ -801,10 +844,11 @@ class Views:
                 return numbered.with_columns(identity_hash([pl.col(c) for c in ENTITIES[entity].labels]).alias(IDENTITY))
             return numbered
         if entity == "vm_backup":
-            return _backup(self._state, self.now_ms, rows)
-        base = _replication_base(self._state, self.now_ms, self._params, rows)
+            return _backup(self._state, self.now_ms, rows, columns)
         if columns is not None and not NEEDS_LINK & set(columns):
-            return base
+            return _replication_base(self._state, self.now_ms, self._params, rows, columns)
+        wanted = None if columns is None else {*columns, *_PREDICTION_READS}
+        base = _replication_base(self._state, self.now_ms, self._params, rows, wanted)
         link_rows = self._link_rows()
         if rows is not None:
             link_rows = link_rows.gather(rows)
