@@ -286,3 +286,25 @@ def test_the_vm_view_agrees_with_a_join_on_vm_id(seed: int, replicas_then: int, 
     want = vm_view_by_join(fleet, now_ms).sort("vm")
     assert_frame_equal(got, want)
     assert got.height > 0
+
+
+# --- labels and annotations rendered for many alerts at once ------------------------------------
+
+
+def test_rendering_many_alerts_at_once_equals_rendering_each_alone() -> None:
+    """The describer reads the rows of all rules of one entity in one query and slices them
+    per rule; the result must be what rendering each alert on its own gives, whatever the
+    order of the rows and however the rules interleave."""
+    engine = load_engine()
+    engine.fleet = build_state(2_000, 100)
+    result = engine.tick(NOW0_MS + 7_200_000)
+    views, describer = result.views, engine._describer
+    active = engine._active(views, [])
+    rules = active.get_column("rule").unique()
+    assert rules.len() >= 6  # several rules of several entities
+    rows = active.group_by("rule").head(7).sample(fraction=1.0, shuffle=True, seed=4)
+    for render in (describer.identities, describer.annotations):
+        together = render(views, rows).sort("alert_id")
+        alone = pl.concat([render(views, rows.slice(i, 1)) for i in range(rows.height)]).sort("alert_id")
+        assert_frame_equal(together, alone)
+        assert together.height == rows.height
