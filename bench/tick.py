@@ -366,12 +366,14 @@ def due_cycles(fleet: state.FleetState, now_ms: int) -> pl.DataFrame:
     return _events(rows, pl.lit("cycle_completed"), ts_ms, now_ms, seed=now_ms % 9973)
 
 
-def run_second(engine: Engine, now_ms: int) -> int:
+def run_second(engine: Engine, now_ms: int, events: pl.DataFrame | None = None) -> int:
     """What reaches the engine between two ticks at steady state: the cycles completed in the
-    last second, applied as one batch, and the heartbeats of the nodes that report every 5 s
-    (written straight into the node table: the tick reads their age, not how they arrived).
-    Nodes that build_state made silent or down stay so. Returns the events applied."""
-    events = due_cycles(engine.fleet, now_ms)
+    last second (`events`, by default `due_cycles`), applied as one batch, and the heartbeats of
+    the nodes that report every 5 s (written straight into the node table: the tick reads their
+    age, not how they arrived). Nodes that build_state made silent or down stay so. Returns
+    the events applied. `engine` may be any version of rules.engine.Engine (bench.tick_ab)."""
+    if events is None:
+        events = due_cycles(engine.fleet, now_ms)
     applied = engine.apply(Stream.REPLICATION, events, now_ms)
     nodes = engine.fleet.nodes
     reporting = (pl.col("state") == "up") & (now_ms - pl.col("last_heartbeat_ms") >= HEARTBEAT_EVERY_MS) & (

@@ -31,12 +31,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import polars as pl
 import yaml
 
 from bench import tick as bench_tick
 from bench._common import machine_line
-from ingest.contracts import Stream
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_PACKAGE = "baseline_rules"
@@ -67,15 +65,6 @@ def load_engine(engine_module: ModuleType, pack_module: ModuleType) -> Any:
     if problems:
         raise SystemExit(f"default pack has problems: {problems}")
     return engine_module.Engine(pack)
-
-
-def heartbeats(engine: Any, now_ms: int) -> None:
-    """The nodes that report every 5 s report (as bench.tick's steady state)."""
-    nodes = engine.fleet.nodes
-    since = now_ms - pl.col("last_heartbeat_ms")
-    due = (pl.col("state") == "up") & (since >= bench_tick.HEARTBEAT_EVERY_MS) & (since < 2 * bench_tick.HEARTBEAT_EVERY_MS)
-    beat = pl.when(due).then(pl.lit(now_ms)).otherwise(pl.col("last_heartbeat_ms")).alias("last_heartbeat_ms")
-    engine.fleet = dataclasses.replace(engine.fleet, nodes=nodes.with_columns(beat))
 
 
 def median_ms(values: list[float]) -> float:
@@ -115,8 +104,7 @@ def compare(args: argparse.Namespace, tmp: Path) -> Figures:
         now_ms += bench_tick.TICK_STEP_MS
         events = bench_tick.due_cycles(engines["current"].fleet, now_ms)
         for engine in engines.values():
-            engine.apply(Stream.REPLICATION, events, now_ms)
-            heartbeats(engine, now_ms)
+            bench_tick.run_second(engine, now_ms, events)
         took: dict[str, float] = {}
         for name in ["baseline", "current"] if n % 2 else ["current", "baseline"]:
             started, started_cpu = time.perf_counter(), time.process_time()
