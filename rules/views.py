@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from typing import cast
+
 import polars as pl
 
 from rules.state import TIERS, FleetState, identity_hash
@@ -336,41 +338,35 @@ def source_views(
     """Per source, per stream of a source, and per partition of a stream (`sources` has a row per
     partition; sources without partitions have one row per stream, partition null)."""
 
-    def with_ratio(frame: pl.DataFrame) -> pl.DataFrame:
-        return frame.with_columns(
-            (pl.col("rejected_recent") / (pl.col("accepted_recent") + pl.col("rejected_recent")))
-            .fill_nan(0.0)
-            .fill_null(0.0)
-            .alias("rejected_ratio")
-        )
+    def rejected_ratio(accepted: pl.Expr, rejected: pl.Expr) -> pl.Expr:
+        return (rejected / (accepted + rejected)).fill_nan(0.0).fill_null(0.0).alias("rejected_ratio")
 
+    # Each view is one polars call (the frame has a few rows: the calls are the cost).
     since = _seconds_since(now_ms, "last_event_ms").alias("seconds_since_last_event")
-    per_partition = with_ratio(
-        sources.select(
+    per_partition = sources.select(
+        "source",
+        "stream",
+        "partition",
+        # How an operator names the feed: "kafka replication partition 3", "mqtt heartbeat".
+        pl.concat_str(
             "source",
+            pl.lit(" "),
             "stream",
-            "partition",
-            # How an operator names the feed: "kafka replication partition 3", "mqtt heartbeat".
-            pl.concat_str(
-                "source",
-                pl.lit(" "),
-                "stream",
-                pl.lit(" partition ") + pl.col("partition").cast(pl.String),  # null without one
-                ignore_nulls=True,
-            ).alias("feed"),
-            "up",
-            since,
-            "accepted_recent",
-            "rejected_recent",
-        )
+            pl.lit(" partition ") + pl.col("partition").cast(pl.String),  # null without one
+            ignore_nulls=True,
+        ).alias("feed"),
+        "up",
+        since,
+        "accepted_recent",
+        "rejected_recent",
+        rejected_ratio(pl.col("accepted_recent"), pl.col("rejected_recent")),
     )
-    per_stream = with_ratio(
-        sources.group_by("source", "stream", maintain_order=True).agg(
-            pl.col("up").all(),
-            _seconds_since(now_ms, pl.col("last_event_ms").max()).alias("seconds_since_last_event"),
-            pl.col("accepted_recent").sum(),
-            pl.col("rejected_recent").sum(),
-        )
+    per_stream = sources.group_by("source", "stream", maintain_order=True).agg(
+        pl.col("up").all(),
+        _seconds_since(now_ms, pl.col("last_event_ms").max()).alias("seconds_since_last_event"),
+        pl.col("accepted_recent").sum(),
+        pl.col("rejected_recent").sum(),
+        rejected_ratio(pl.col("accepted_recent").sum(), pl.col("rejected_recent").sum()),
     )
     per_source = sources.group_by("source").agg(
         pl.col("up").all().alias("up"),
@@ -511,6 +507,10 @@ class Pairing:
             if of_replication
             else (self.replication_row, self.backup_row.len())
         )
+        highest = rows.max()
+        if other.height == other_covered and (highest is None or cast(int, highest) < paired.len()):
+            # The usual case: every row was paired, and the other table gained no row since.
+            return paired.gather(rows)
         covered = rows < paired.len()
         if paired.len():
             found = paired.gather(rows.clip(upper_bound=paired.len() - 1)).zip_with(covered, _nulls(rows.len()))
@@ -749,16 +749,14 @@ def _vm(state: FleetState, now_ms: int, aggregates: Aggregates) -> pl.DataFrame:
     # and no late replica (their replication row, if any): each VM once, found on positions.
     backup_of_late = pairing.partners(late_replicas, replication, backup, of_replication=True)
     replica_of_late = pairing.partners(late_backups, backup, replication, of_replication=False)
-    only_backup_late = ~replica_of_late.is_in(late_replicas.implode()).fill_null(False)
+    only_backup_late = ~_among(replica_of_late, late_replicas)
     r = pl.concat([late_replicas, replica_of_late.filter(only_backup_late)])
     b = pl.concat([backup_of_late, late_backups.filter(only_backup_late)])
     first = late_replicas.len()
     late = pl.int_range(r.len(), dtype=pl.UInt32, eager=True) < first  # the first: replica late
     # A partner found for a late backup is not late itself (else the VM is among the first).
-    replica_within = ~late & r.is_not_null() & ~r.is_in(unknown_replicas.implode()).fill_null(False)
-    backup_within = (
-        late & b.is_not_null() & ~b.is_in(pl.concat([late_backups, unknown_backups]).implode()).fill_null(False)
-    )
+    replica_within = ~late & r.is_not_null() & ~_among(r, unknown_replicas)
+    backup_within = late & b.is_not_null() & ~_among(b, pl.concat([late_backups, unknown_backups]))
     # Only the labels are gathered, at the few rows (a null row gives nulls).
     replica = replication.select(pl.col("vm_id", "cluster_id").gather(r))
     backups = backup.select(pl.col("vm_id", "cluster_id").gather(b))
@@ -772,6 +770,14 @@ def _vm(state: FleetState, now_ms: int, aggregates: Aggregates) -> pl.DataFrame:
             "backed_up": b.is_not_null(),
         }
     )
+
+
+def _among(rows: pl.Series, others: pl.Series) -> pl.Series:
+    """Whether each of `rows` (null: no) is one of `others`; without a membership test when
+    `others` is empty (the rows of unknown policy usually are: ~0.4 ms saved per test)."""
+    if others.is_empty():
+        return pl.repeat(False, rows.len(), eager=True)
+    return rows.is_in(others.implode()).fill_null(False)
 
 
 def identity(entity: str) -> pl.Expr:
