@@ -164,7 +164,7 @@ def _per_rule(rule_timing: pl.DataFrame, *tables: pl.DataFrame) -> tuple[pl.Expr
     (0 for a rule `rule_timing` does not list), measured ten times cheaper than a replace over
     the whole alert table."""
     highest = [t.get_column("rule").max() for t in (rule_timing, *tables)]
-    size = max((int(cast(int, m)) + 1 for m in highest if m is not None), default=1)
+    size = max((cast(int, m) + 1 for m in highest if m is not None), default=1)
     timing = rule_timing.rows_by_key("rule", unique=True)
     columns = (
         pl.Series([timing.get(r, (0, 0))[k] for r in range(size)], dtype=pl.Int64) for k in (0, 1)
