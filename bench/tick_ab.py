@@ -9,9 +9,9 @@ the same fleet, fed the same traffic, second after second, alternating which goe
 ratio per pair of ticks is what to read. Both engines must keep the same alerts (checked at
 every tick): a change that alters results is not a speed-up.
 
-The baseline must accept the working tree's decoded events and state tables (the schemas of
-ingest/contracts.py and rules/state.py); for older commits whose schemas differ, it fails at
-the first apply or tick.
+Both engines run the working tree's default rule pack. The baseline must accept the working
+tree's decoded events and state tables (the schemas of ingest/contracts.py and rules/state.py);
+for older commits whose schemas differ, it fails at the first apply or tick.
 """
 
 from __future__ import annotations
