@@ -29,9 +29,6 @@ import time
 from io import BytesIO
 from pathlib import Path
 from types import ModuleType
-from typing import Any
-
-import yaml
 
 from bench import tick as bench_tick
 from bench._common import machine_line
@@ -59,14 +56,6 @@ def import_baseline(ref: str, into: Path) -> ModuleType:
     return importlib.import_module(f"{BASELINE_PACKAGE}.engine")
 
 
-def load_engine(engine_module: ModuleType, pack_module: ModuleType) -> Any:
-    with open(bench_tick.PACK_PATH) as f:
-        pack, problems = pack_module.compile_pack(yaml.safe_load(f), {"runbook_base": "x"})
-    if problems:
-        raise SystemExit(f"default pack has problems: {problems}")
-    return engine_module.Engine(pack)
-
-
 def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000.0
 
@@ -90,8 +79,8 @@ def compare(args: argparse.Namespace, tmp: Path) -> Figures:
     from rules import pack as current_pack
 
     engines = {
-        "baseline": load_engine(baseline_engine, baseline_pack),
-        "current": load_engine(current_engine, current_pack),
+        "baseline": bench_tick.load_engine(baseline_engine.Engine, baseline_pack.compile_pack),
+        "current": bench_tick.load_engine(current_engine.Engine, current_pack.compile_pack),
     }
     fleet = bench_tick.build_state(args.vms, args.vms_per_cluster)
     engines["current"].fleet = fleet

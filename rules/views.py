@@ -423,13 +423,12 @@ def cluster_view(nodes: pl.DataFrame, state: FleetState, aggregates: Aggregates)
     )
     skew = state.clusters.select(pl.col("cluster_id").alias("hci_cluster"), pl.col("clock_skew_s").alias("clock_skew_seconds"))
     return (
-        per_cluster.with_columns(pl.when(pl.col("nodes_up") > 0).then(pl.col(name)).alias(name) for name in figures)
-        .join(aggregates.replica_vms, on="hci_cluster", how="left")
+        per_cluster.join(aggregates.replica_vms, on="hci_cluster", how="left")
         .join(skew, on="hci_cluster", how="full", coalesce=True)
         .select(
             "hci_cluster",
             pl.col("nodes").fill_null(0),
-            *figures,
+            *[pl.when(pl.col("nodes_up") > 0).then(pl.col(name)).alias(name) for name in figures],
             pl.col("nodes_up").fill_null(0),
             pl.col("replica_vms").fill_null(0),
             "clock_skew_seconds",
