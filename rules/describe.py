@@ -75,7 +75,7 @@ class Describer:
             return pl.DataFrame(schema=schema)
         # Per entity, one query for the rows of all its rules, in rule order; each rule's rows
         # are then a slice of it. A handful of polars calls whatever the number of rules: 100
-        # alerts of 8 rules at a million VMs measured 4-5 ms for labels, against ~10.5 with a
+        # alerts of 8 rules at a million VMs measured ~5.5 ms for labels, against ~10.5 with a
         # filter per rule.
         parts = rows.partition_by("rule", as_dict=True)
         per_rule = {cast(tuple[int], key)[0]: part.get_column("row") for key, part in parts.items()}
