@@ -67,6 +67,7 @@ STORAGE_PATHS_PER_CLUSTER = 3
 NODE_MEMORY_BYTES = 512 * GIB
 NODE_IOPS_CAPACITY = 200_000.0
 NODE_NET_CAPACITY = 1.25e9
+STORAGE_PATH_BYTES = 20 * 1024**4  # a 20 TiB cluster shared volume
 
 # Shares of the fleet in each condition (per VM or per node, independent draws).
 LAGGING_PAST_RPO = 0.01
@@ -274,11 +275,56 @@ def build_state(vms: int, vms_per_cluster: int, now_ms: int = NOW0_MS) -> state.
         .select(state.NODE_SCHEMA.names())
         .cast(state.NODE_SCHEMA)
     )
-    for table, schema in ((replication, state.REPLICATION_SCHEMA), (backup, state.BACKUP_SCHEMA), (nodes, state.NODE_SCHEMA)):
+    # What the nodes' heartbeats report besides themselves: each storage path of an instance
+    # (as its first node sees it) and each instance's clock skew, so that the per-path and
+    # per-instance views cost what they cost on a live fleet.
+    per_path = pl.DataFrame({"i": pl.int_range(clusters * STORAGE_PATHS_PER_CLUSTER, dtype=pl.Int64, eager=True)})
+    storage_paths = (
+        per_path.lazy()
+        .with_columns((i // STORAGE_PATHS_PER_CLUSTER).alias("c"))
+        .with_columns(cluster_id.alias("cluster_id"))
+        .select(
+            "cluster_id",
+            pl.concat_str("cluster_id", pl.lit("-csv"), (i % STORAGE_PATHS_PER_CLUSTER + 1).cast(pl.String)).alias(
+                "path_id"
+            ),
+            pl.concat_str("cluster_id", pl.lit("-n1")).alias("node_id"),
+            (now_ms - (uniform(i, 41) * 5_000).cast(pl.Int64)).alias("last_report_ms"),
+            pl.lit(STORAGE_PATH_BYTES).alias("capacity_bytes"),
+            (STORAGE_PATH_BYTES * (0.1 + 0.6 * uniform(i, 42))).cast(pl.Int64).alias("free_bytes"),
+            pl.lit(NODE_IOPS_CAPACITY).alias("iops_capacity"),
+            (NODE_IOPS_CAPACITY * (0.2 + 0.3 * uniform(i, 43))).round(0).alias("iops_used"),
+            pl.lit(True).alias("online"),
+        )
+        .collect()
+        .cast(state.STORAGE_PATH_SCHEMA)
+    )
+    instances = (
+        pl.DataFrame({"c": pl.int_range(clusters, dtype=pl.Int64, eager=True)})
+        .select(
+            cluster_id.alias("cluster_id"),
+            ((uniform(c, 44) - 0.5) * 4).alias("clock_skew_s"),  # within ±2 s: NTP-synchronised
+            pl.lit(now_ms).alias("skew_updated_ms"),
+        )
+        .cast(state.CLUSTER_SCHEMA)
+    )
+    for table, schema in (
+        (replication, state.REPLICATION_SCHEMA),
+        (backup, state.BACKUP_SCHEMA),
+        (nodes, state.NODE_SCHEMA),
+        (storage_paths, state.STORAGE_PATH_SCHEMA),
+        (instances, state.CLUSTER_SCHEMA),
+    ):
         if table.schema != schema:
             raise AssertionError(f"schema drift: {table.schema} != {schema}")
     # One chunk per column, as the engine keeps its tables (apply compacts them).
-    return state.FleetState(replication=replication.rechunk(), backup=backup.rechunk(), nodes=nodes.rechunk())
+    return state.FleetState(
+        replication=replication.rechunk(),
+        backup=backup.rechunk(),
+        nodes=nodes.rechunk(),
+        storage_paths=storage_paths.rechunk(),
+        clusters=instances.rechunk(),
+    )
 
 
 def replication_batch(fleet: state.FleetState, size: int, now_ms: int, seed: int) -> pl.DataFrame:

@@ -13,7 +13,16 @@ from polars.testing import assert_frame_equal
 from bench.tick import NOW0_MS, build_state, due_cycles, load_engine
 from rules import state
 from rules.engine import TickResult
-from rules.views import Aggregates, GatherMemo, Pairing, ViewParams, _vm, _with_prediction, summarise
+from rules.views import (
+    Aggregates,
+    GatherMemo,
+    JoinMemo,
+    Pairing,
+    ViewParams,
+    _vm,
+    _with_prediction,
+    summarise,
+)
 
 
 def table(names: list[int], collide: bool = False) -> pl.DataFrame:
@@ -170,6 +179,67 @@ def test_a_gather_memo_answers_for_the_figures_and_rows_it_was_made_from() -> No
     assert changed.get_column("capacity").to_list() == [5.0, 10.0, 10.0, 10.0]
     moved = memo.gathered(links, pl.Series([1, 1, 0, 2], dtype=pl.UInt32))
     assert moved.get_column("needed").to_list() == [2.0, 2.0, 1.0, 3.0]
+
+
+def test_a_join_memo_answers_only_for_the_keys_it_was_made_from() -> None:
+    memo = JoinMemo()
+    left = pl.DataFrame({"k": ["a", "b", "c"]})
+    right = pl.DataFrame({"k": ["c", "d", "a"]})
+    first = memo.rows("x", left, right, "full")
+    assert sorted(first.rows(), key=str) == sorted([("a", 0, 2), ("b", 1, None), ("c", 2, 0), ("d", None, 1)], key=str)
+    assert memo.rows("x", left.clone(), right.clone(), "full") is first  # equal keys: no join
+    # A key changed on either side, or another join of the same tables: joined again.
+    assert memo.rows("x", left, pl.DataFrame({"k": ["c", "b"]}), "full").sort("k").rows() == [
+        ("a", 0, None), ("b", 1, 1), ("c", 2, 0)
+    ]
+    assert memo.rows("y", left, right, "left").rows() == [("a", 0, 2), ("b", 1, None), ("c", 2, 0)]
+
+
+def test_the_instance_link_and_path_views_follow_instances_and_paths_coming_and_going() -> None:
+    """The views join small tables by positions kept between ticks; whatever instances and
+    paths come and go, they must hold what the joins give on the tables as they are."""
+    fleet = build_state(2_000, 100)
+    engine = load_engine()
+    engine.fleet = fleet
+    engine.tick(NOW0_MS)
+    paths, skews = fleet.storage_paths, fleet.clusters
+    steps = [
+        fleet,  # the same keys, other values
+        replace(fleet, storage_paths=paths.with_columns(pl.col("free_bytes") // 2)),
+        replace(fleet, storage_paths=paths.head(40), clusters=skews.head(12)),  # reports lost
+        replace(
+            fleet,  # a path only a node reports, an instance only its skew names, rows reordered
+            storage_paths=pl.concat([paths.tail(30), paths.head(5).with_columns(pl.lit("extra-csv").alias("path_id"))]),
+            clusters=pl.concat([skews.reverse(), skews.head(1).with_columns(pl.lit("hci-far-away").alias("cluster_id"))]),
+        ),
+        replace(fleet, nodes=fleet.nodes.filter(pl.col("cluster_id") != "hci-ams-00002")),  # an instance's nodes gone
+    ]
+    for step, later in enumerate(steps):
+        engine.fleet = later
+        now_ms = NOW0_MS + (step + 1) * 1_000
+        views = engine.tick(now_ms).views
+        aggregates = engine._aggregates_at(now_ms)
+        reported = later.storage_paths.select(
+            pl.col("cluster_id").alias("hci_cluster"), pl.col("path_id").alias("storage_path"), "free_bytes"
+        )
+        want_paths = reported.join(
+            aggregates.storage_vms, on=["hci_cluster", "storage_path"], how="full", coalesce=True
+        ).with_columns(pl.col("vms").fill_null(0))
+        got_paths = views.storage_path.select(want_paths.columns)
+        assert_frame_equal(got_paths.sort("hci_cluster", "storage_path"), want_paths.sort("hci_cluster", "storage_path"))
+        instances = views.cluster
+        nodes = later.nodes.group_by(pl.col("cluster_id").alias("hci_cluster")).agg(pl.len().alias("nodes"))
+        want_instances = (
+            nodes.join(aggregates.replica_vms, on="hci_cluster", how="left")
+            .join(later.clusters.select(pl.col("cluster_id").alias("hci_cluster"), pl.col("clock_skew_s").alias("clock_skew_seconds")), on="hci_cluster", how="full", coalesce=True)
+            .with_columns(pl.col("nodes", "replica_vms").fill_null(0))
+        )
+        assert_frame_equal(
+            instances.select(want_instances.columns).sort("hci_cluster"), want_instances.sort("hci_cluster"), check_dtypes=False
+        )
+        capacity = views.cluster.select("hci_cluster", "net_capacity_bytes_per_s")
+        want_links = aggregates.links.select("hci_cluster", "target").join(capacity, on="hci_cluster", how="left", maintain_order="left")
+        assert_frame_equal(views.link.select("hci_cluster", "target", pl.col("capacity_bytes_per_s").alias("net_capacity_bytes_per_s")), want_links)
 
 
 def test_materialising_a_per_vm_view_leaves_the_ticks_queries_as_they_were() -> None:
