@@ -195,7 +195,8 @@ def compile_pack(document: Any, template_vars: dict[str, str] | None = None) -> 
             if out.schema.dtypes()[0] != pl.Boolean:
                 raise ValueError(f"the condition is {out.schema.dtypes()[0]}, not a true/false test")
         except Exception as exc:  # polars raises several types; all mean "bad condition"
-            message = str(exc).splitlines()[0]
+            # Polars may list the columns itself (unsorted, with brackets): the sorted list follows.
+            message = re.sub(r";? ?valid columns: \[.*\]", "", str(exc).splitlines()[0])
             problems.append(
                 Problem(("rules", index, "condition"), f"{message} (columns of {spec.entity}: {', '.join(sorted(columns))})", spec.alert)
             )

@@ -237,6 +237,16 @@ def test_pack_problems_name_the_rule_and_field(rule: dict[str, Any], field: str,
     assert needle in problems[0].message
 
 
+def test_an_unknown_column_is_named_with_the_views_columns_listed_once() -> None:
+    base = {"alert": "Good", "entity": "vm_backup", "severity": "warning", "annotations": {"summary": "Fine.", "description": "{vm}"}}
+    _, problems = compile_pack({"rules": [{**base, "condition": "backup_age > 1"}]})
+    message = problems[0].message
+    assert message.startswith('unable to find column "backup_age"')
+    listed = message.split("(columns of vm_backup: ")[1].rstrip(")").split(", ")
+    assert listed == sorted(listed) and "backup_age_seconds" in listed
+    assert message.count("backup_age_seconds") == 1
+
+
 _events = st.lists(
     st.tuples(st.sampled_from(["vm1", "vm2", "vm3"]), st.integers(0, 120), st.integers(0, 120),
               st.sampled_from(["cycle_completed", "paused", "cycle_failed", "resumed"])),
@@ -393,3 +403,20 @@ def test_alert_ids_from_the_stored_identity_hash_match_the_labels_of_a_materiali
     described = result.with_details(result.alerts)
     assert described.get_column("labels").null_count() == 0
     assert described.get_column("annotations").null_count() == 0
+
+
+def test_a_constant_condition_switches_a_rule_off_without_building_the_per_vm_view() -> None:
+    """An operator turns a shipped rule off by replacing it with `condition: "FALSE"`: nothing
+    fires, and the tick reads no column of the view for it (it once built the whole per-VM
+    view at every tick, tens of milliseconds at a million VMs)."""
+    override, problems = compile_pack(
+        {"rules": [{"alert": "ReplicationRPOBreach", "entity": "vm_replication", "condition": "FALSE",
+                    "severity": "critical", "annotations": {"summary": "Switched off.", "description": "Switched off."}}]}
+    )
+    assert problems == []
+    engine = Engine(default_pack().merged_with(override))
+    feed(engine, Stream.REPLICATION, [rep("a", T0, T0)], T0)
+    result = engine.tick(T0 + 600 * S)  # ten times the RPO
+    assert states(result, "ReplicationRPOBreach") == {}
+    assert states(result, "VMUnprotected") == {"vm1": "firing"}  # the other rules as before
+    assert "vm_replication" not in result.views._frames
