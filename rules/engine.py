@@ -336,6 +336,8 @@ class Engine:
 
     def _identify(self, changes: pl.DataFrame) -> pl.DataFrame:
         """This tick's transitions with the alerts' identity (TickResult.changes)."""
+        if changes.is_empty():  # most ticks: no pass over the standing alerts (~1 ms at 170,000)
+            return pl.DataFrame(schema={**lifecycle.TRANSITION_SCHEMA, "alert_id": pl.UInt64()})
         ids = changes.get_column("alert_id").implode()
         return changes.join(self.alerts.filter(pl.col("alert_id").is_in(ids)), on="alert_id", how="left").select(
             *lifecycle.TRANSITION_SCHEMA.names(), "alert_id"
