@@ -80,7 +80,7 @@ class DemoDisplay:
             else:
                 self.resolved += 1
             if self.live is None:
-                self.console.print(line, highlight=False)
+                self.console.print(line, highlight=False, soft_wrap=True)  # one line per transition, for grep
         self.last = result
         if self.live is not None:
             self.live.update(self.render())

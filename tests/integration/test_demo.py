@@ -44,4 +44,7 @@ def test_demo_fires_and_resolves_every_scripted_incident_and_serves_metrics() ->
         assert any("FIRED" in line and alert in line for line in lines), (alert, stdout)
         assert any("RESOLVED" in line and alert in line for line in lines), (alert, stdout)
     assert lines[-1].startswith("demo finished after 6")
+    # One line per transition whatever its length (a link's two labels once wrapped at 80).
+    transitions = lines[1:-1]
+    assert transitions and all(line.startswith("t+") for line in transitions), stdout
     assert "Traceback" not in stderr
