@@ -246,8 +246,8 @@ class JoinMemo:
     """The row pairs of the last join of each small-table join of the views (instances with
     their replicas and clock skew, storage paths reported with those VMs name), kept with the
     aggregates. The values of those tables change at every heartbeat; their keys (which
-    instances, which paths) seldom do. A join on string keys costs 1–4 ms at 10,000–30,000
-    rows, comparing the keys with the last ones ~0.1 ms, so most ticks gather by position."""
+    instances, which paths) seldom do. A join on string keys costs 0.8–4.4 ms at 10,000–30,000
+    rows, comparing the keys with the last ones 0.1–0.2 ms, so most ticks gather by position."""
 
     def __init__(self) -> None:
         self._last: dict[str, tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]] = {}
