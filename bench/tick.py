@@ -417,7 +417,13 @@ def run_second(engine: Engine, now_ms: int, events: pl.DataFrame | None = None) 
     last second (`events`, by default `due_cycles`), applied as one batch, and the heartbeats of
     the nodes that report every 5 s (written straight into the node table: the tick reads their
     age, not how they arrived). Nodes that build_state made silent or down stay so. Returns
-    the events applied. `engine` may be any version of rules.engine.Engine (bench.tick_ab)."""
+    the events applied. `engine` may be any version of rules.engine.Engine (bench.tick_ab).
+
+    First, as the service does right after each tick, the engine prepares the next one
+    (`Engine.prepare`: the sums a refresh would compute inside it), where it can."""
+    prepare = getattr(engine, "prepare", None)  # versions of rules/ before it tick without
+    if prepare is not None:
+        prepare(now_ms - TICK_STEP_MS, TICK_STEP_MS)
     if events is None:
         events = due_cycles(engine.fleet, now_ms)
     applied = engine.apply(Stream.REPLICATION, events, now_ms)

@@ -341,6 +341,10 @@ class Service:
                 # A slow Alertmanager must not delay evaluation; the sender works from the
                 # latest state, so a skipped tick is caught up by the next send.
                 self._send_task = asyncio.create_task(self._sender.send(result), name="alertmanager-send")
+            # The idle time before the next tick does what that tick would otherwise pay for.
+            await loop.run_in_executor(
+                self._executor, self.engine.prepare, int(self.clock() * 1000), int(interval * 1000)
+            )
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - loop.time()))
 

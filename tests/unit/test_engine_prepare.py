@@ -1,0 +1,92 @@
+"""Engine.prepare: the link and service-group sums recomputed between ticks, not inside one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from polars.testing import assert_frame_equal
+
+import rules.engine
+from bench.tick import NOW0_MS, build_state, due_cycles, load_engine
+from ingest.contracts import Stream
+from rules.engine import Engine
+
+REFRESH_MS = 10_000  # EngineSettings.aggregate_refresh_s
+TICK_MS = 1_000
+
+
+@pytest.fixture
+def summaries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The instants the engine computed its sums at, in order."""
+    calls: list[int] = []
+    real = rules.engine.summarise
+
+    def counted(state: Any, now_ms: int, previous: Any = None) -> Any:
+        calls.append(now_ms)
+        return real(state, now_ms, previous)
+
+    monkeypatch.setattr(rules.engine, "summarise", counted)
+    return calls
+
+
+def engine_with_traffic() -> Engine:
+    engine = load_engine()
+    engine.fleet = build_state(1_000, 100)
+    engine.tick(NOW0_MS)
+    return engine
+
+
+def advance(engine: Engine, now_ms: int) -> None:
+    engine.apply(Stream.REPLICATION, due_cycles(engine.fleet, now_ms), now_ms)
+
+
+def test_a_refresh_due_at_the_next_tick_is_done_before_it(summaries: list[int]) -> None:
+    engine, reference = engine_with_traffic(), engine_with_traffic()
+    summaries.clear()
+    now = NOW0_MS + REFRESH_MS - 500  # the next tick, 1 s later, is past the refresh interval
+    for e in (engine, reference):
+        advance(e, now)
+    assert engine.prepare(now, TICK_MS)
+    assert summaries == [now]
+    got = engine.tick(now + TICK_MS)
+    assert summaries == [now], "the tick computed the sums again"
+    want = reference.tick(now + TICK_MS)  # computes them itself, from the same state
+    assert summaries == [now, now + TICK_MS]
+    assert_frame_equal(got.alerts.sort("alert_id"), want.alerts.sort("alert_id"))
+    assert_frame_equal(got.views.link, want.views.link)
+
+
+def test_nothing_is_done_when_the_next_tick_would_not_refresh(summaries: list[int]) -> None:
+    engine = engine_with_traffic()
+    summaries.clear()
+    advance(engine, NOW0_MS + 2_000)
+    assert not engine.prepare(NOW0_MS + 2_000, TICK_MS)  # the sums are 3 s old at the next tick
+    engine.tick(NOW0_MS + 3_000)
+    assert summaries == []
+    assert not engine.prepare(NOW0_MS + 3_000, TICK_MS)  # nothing changed since: nothing to do
+
+
+def test_sums_of_a_state_that_lost_instances_meanwhile_are_not_kept(
+    summaries: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kafka rebalance dropping instances while prepare computes: its sums index rows that
+    are gone, so the next tick computes its own."""
+    engine = engine_with_traffic()
+    now = NOW0_MS + REFRESH_MS
+    advance(engine, now)
+    first, *dropped = engine.fleet.replication.get_column("cluster_id").unique().sort().head(3).to_list()
+    engine.drop_clusters([first])  # no sums now: prepare computes them from scratch
+    real = rules.engine.summarise
+
+    def dropping_meanwhile(state: Any, now_ms: int, previous: Any = None) -> Any:
+        result = real(state, now_ms, previous)
+        engine.drop_clusters(dropped)  # as another thread would, between snapshot and install
+        return result
+
+    monkeypatch.setattr(rules.engine, "summarise", dropping_meanwhile)
+    assert not engine.prepare(now, TICK_MS)
+    monkeypatch.setattr(rules.engine, "summarise", real)
+    result = engine.tick(now + TICK_MS)
+    assert not result.views.link.get_column("hci_cluster").is_in([first, *dropped]).any()
+    assert result.views.link.get_column("vms").sum() == engine.fleet.replication.height
