@@ -17,6 +17,7 @@ from typing import cast
 
 import polars as pl
 
+from rules.lifecycle import bounded_chunks
 from rules.pack import CompiledRule
 from rules.views import ENTITIES, ROW, Views, identity
 
@@ -167,8 +168,9 @@ def empty_store(schema: pl.Schema) -> pl.DataFrame:
 
 def compact(store: pl.DataFrame, alerts: pl.DataFrame) -> pl.DataFrame:
     """The store without superseded rows and rows of forgotten alerts, once they are a
-    noticeable share of it (amortised: a store is rewritten only after it has grown)."""
+    noticeable share of it (amortised: a store is rewritten only after it has grown), and in
+    a bounded number of chunks (each tick appends one)."""
     if store.height <= alerts.height * 1.25 + 100:
-        return store
+        return bounded_chunks(store)
     known = alerts.get_column("alert_id").implode()
     return store.filter(pl.col("alert_id").is_in(known)).unique("alert_id", keep="last", maintain_order=True)

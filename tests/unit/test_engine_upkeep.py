@@ -1,4 +1,5 @@
-"""Engine.prepare: the link and service-group sums recomputed between ticks, not inside one."""
+"""What the engine keeps in shape between and over ticks: the sums prepared before a tick
+needs them (Engine.prepare), and tables that do not grow chunks tick after tick."""
 
 from __future__ import annotations
 
@@ -90,3 +91,22 @@ def test_sums_of_a_state_that_lost_instances_meanwhile_are_not_kept(
     result = engine.tick(now + TICK_MS)
     assert not result.views.link.get_column("hci_cluster").is_in([first, *dropped]).any()
     assert result.views.link.get_column("vms").sum() == engine.fleet.replication.height
+
+
+def test_the_alert_table_and_label_store_stay_in_few_chunks_over_many_ticks() -> None:
+    """Each tick appends its new alerts (a chunk per column); unbounded, at 100,000 VMs 500
+    chunks after 15 minutes tripled the tick. Whatever the number of ticks, few remain."""
+    from rules.lifecycle import MAX_CHUNKS
+
+    engine = load_engine()
+    engine.fleet = build_state(5_000, 100)  # and nothing reports: lags cross thresholds every second
+    ticks_with_new_alerts = 0
+    now = NOW0_MS
+    for _ in range(5 * MAX_CHUNKS):
+        now += TICK_MS
+        known = set(engine.alerts.get_column("alert_id").to_list())
+        engine.tick(now)
+        ticks_with_new_alerts += not known.issuperset(engine.alerts.get_column("alert_id").to_list())
+        assert max(engine.alerts.n_chunks("all")) <= MAX_CHUNKS
+        assert max(engine._labels.n_chunks("all")) <= MAX_CHUNKS
+    assert ticks_with_new_alerts > 2 * MAX_CHUNKS, "too few ticks appended alerts to test anything"
