@@ -17,9 +17,9 @@ from typing import Any
 import polars as pl
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from exporters.alertmanager import rfc3339
+from exporters.exposition import encoder_for
 from exporters.history.http import add_history_routes
 from exporters.history.store import HistoryStore
 from exporters.snapshot import SnapshotHolder
@@ -37,7 +37,7 @@ STATES = (lifecycle.PENDING, lifecycle.FIRING, lifecycle.RESOLVED)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    encoder, content_type = encoder_for(request.headers.get("Accept", ""))
     registry = request.app[REGISTRY]
     # Rendering a large fleet takes long enough to stall the event loop (and with it ingest and
     # alert sending); the collector only reads an immutable snapshot, so a thread is safe.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
@@ -23,8 +22,8 @@ import polars as pl
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
+from exporters.exposition import VALUE, FrameGauge
 from exporters.snapshot import SelfStats, Snapshot, SnapshotHolder
 from rules import lifecycle
 from rules.engine import TickResult, empty_result
@@ -168,36 +167,25 @@ def build_version() -> str:
         return "unknown"
 
 
-def _label_dicts(frame: pl.DataFrame, labels: Sequence[str], **fixed: str) -> list[dict[str, str]]:
-    """One label dict per row, built by polars (a struct column converts to dicts natively),
-    plus `fixed` labels. Null label values become "" rather than rendering as "None"."""
-    columns = [pl.col(c).cast(pl.String).fill_null("").alias(c) for c in labels]
-    columns += [pl.lit(v).alias(k) for k, v in fixed.items()]
-    dicts: list[dict[str, str]] = frame.select(pl.struct(columns).alias("labels")).get_column("labels").to_list()
-    return dicts
+def _label_exprs(labels: Sequence[str], **fixed: str) -> list[pl.Expr]:
+    """Label columns as text (a null value becomes "" rather than "None"), plus `fixed` ones."""
+    return [pl.col(c).cast(pl.String).fill_null("").alias(c) for c in labels] + [
+        pl.lit(v).alias(k) for k, v in fixed.items()
+    ]
 
 
 def _gauges(
     frame: pl.DataFrame, labels: Sequence[str], specs: Iterable[tuple[str, str, str]]
 ) -> Iterator[GaugeMetricFamily]:
     """One gauge family per spec over `frame`, skipping null and NaN values (an unknown value
-    is absent, not zero). A spec whose column the frame lacks yields no family."""
-    specs = [spec for spec in specs if spec[1] in frame.columns]
-    if not specs:
-        return
-    label_dicts = _label_dicts(frame, labels)
-    values = frame.select(pl.col(col).cast(pl.Float64) for _, col, _ in specs)
+    is absent, not zero). A spec whose column the frame lacks yields no family. The samples
+    stay a frame (a 100k-VM fleet has ~1M of them), written out by polars at exposition."""
     for name, column, doc in specs:
-        family = GaugeMetricFamily(name, doc, labels=list(labels))
-        # Samples are appended directly rather than through add_metric, which zips a new label
-        # dict for every sample; here polars builds each row's dict once and the families of
-        # that row share it (exposition only reads it). A 100k-VM fleet has ~1M samples.
-        family.samples.extend(
-            Sample(name, label_set, value)
-            for label_set, value in zip(label_dicts, values.get_column(column).to_list(), strict=True)
-            if value is not None and not math.isnan(value)
-        )
-        yield family
+        if column not in frame.columns:
+            continue
+        value = pl.col(VALUE)
+        rows = frame.select(*_label_exprs(labels), pl.col(column).cast(pl.Float64).alias(VALUE))
+        yield FrameGauge(name, doc, labels, rows.filter(value.is_not_null() & ~value.is_nan()))
 
 
 class RpowatchCollector(Collector):
@@ -292,18 +280,20 @@ class RpowatchCollector(Collector):
             yield self._health(frame)
 
     def _health(self, frame: pl.DataFrame) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(
+        health = pl.col("health_state")
+        rows = pl.concat(
+            frame.select(
+                *_label_exprs(REPLICATION_LABELS, state=state),
+                (health == state).fill_null(False).cast(pl.Float64).alias(VALUE),
+            )
+            for state in HEALTH_STATES
+        )
+        return FrameGauge(
             "rpowatch_replication_health",
             "Replication health of the VM: 1 for the current state (normal, warning, critical), 0 for the others.",
-            labels=[*REPLICATION_LABELS, "state"],
+            [*REPLICATION_LABELS, "state"],
+            rows,
         )
-        current = frame.get_column("health_state").to_list()
-        for state in HEALTH_STATES:
-            family.samples.extend(
-                Sample(family.name, label_set, 1.0 if state == this else 0.0)
-                for label_set, this in zip(_label_dicts(frame, REPLICATION_LABELS, state=state), current, strict=True)
-            )
-        return family
 
     def _backup(self, views: Views) -> Iterator[Metric]:
         frame = views.vm_backup

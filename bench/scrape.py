@@ -1,0 +1,58 @@
+"""What one /metrics scrape costs at fleet scale, and how much the polars writer saves.
+
+    python3 -m bench.scrape --sizes 2000 100000
+
+For each size: bench.tick's fleet, one tick, then the scrape's body rendered from the service's
+collector with every `export.per_vm` setting, by `exporters.exposition.encode` (what /metrics
+serves) and by prometheus_client's own `generate_latest` (the baseline, same process, same
+snapshot), alternated, median of `--repeats`; with the body's lines and megabytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from bench._common import machine_line, timed
+from bench.tick import NOW0_MS, build_state, load_engine
+from exporters.exposition import encode
+from exporters.metrics import RpowatchCollector
+from exporters.snapshot import Snapshot, SnapshotHolder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2_000, 100_000])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"# bench.scrape  {machine_line()}")
+    print("| VMs | export.per_vm | lines | MB | encode s | prometheus_client s | **encode / prometheus_client** |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for size in args.sizes:
+        engine = load_engine()
+        engine.fleet = build_state(size, 100)
+        holder = SnapshotHolder()
+        holder.set(Snapshot(engine.tick(NOW0_MS)))
+        for per_vm in ("all", "violating", "none"):
+            registry = CollectorRegistry()
+            registry.register(RpowatchCollector(holder, per_vm, clock=lambda: NOW0_MS / 1000 + 2.5))
+            fast: list[float] = []
+            slow: list[float] = []
+            body = b""
+            for _ in range(args.repeats):
+                seconds, body = timed(lambda: encode(registry))
+                fast.append(seconds)
+                seconds, _ = timed(lambda: generate_latest(registry))
+                slow.append(seconds)
+            f, s = statistics.median(fast), statistics.median(slow)
+            lines = body.count(b"\n")
+            print(
+                f"| {size:,} | {per_vm} | {lines:,} | {len(body) / 1e6:.1f} | {f:.2f} | {s:.2f} | **{f / s:.3f}** |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
