@@ -49,8 +49,9 @@ def main() -> None:
         if n % window == 0 and len(ratios) < 6:
             tick, base = statistics.median(ticks), statistics.median(filters)
             ratios.append(tick / base)
-            chunks = max(engine.alerts.n_chunks("all"), default=1), max(engine._labels.n_chunks("all"), default=1)
-            print(f"| {n - window + 1}–{n} | {ms(tick):.1f} | {ms(base):.2f} | {tick / base:.1f} | {chunks[0]} | {chunks[1]} |")
+            alerts, labels = (max(frame.n_chunks("all"), default=1) for frame in (engine.alerts, engine._labels))
+            span = f"{n - window + 1}–{n}"
+            print(f"| {span} | {ms(tick):.1f} | {ms(base):.2f} | {tick / base:.1f} | {alerts} | {labels} |")
             ticks, filters = [], []
     print(f"\nlast sixth / first sixth (tick / filter): {ratios[-1] / ratios[0]:.2f}")
 
