@@ -5,12 +5,15 @@
 For each size: bench.tick's fleet, one tick, then the scrape's body rendered from the service's
 collector with every `export.per_vm` setting, by `exporters.exposition.encode` (what /metrics
 serves) and by prometheus_client's own `generate_latest` (the baseline, same process, same
-snapshot), alternated, median of `--repeats`; with the body's lines and megabytes.
+snapshot), alternated, median of `--repeats`; with the body's lines and megabytes, and what
+gzip (at the level /metrics uses when the scraper accepts it, as Prometheus does) adds in
+seconds and leaves in megabytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import statistics
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -18,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from bench._common import machine_line, timed
 from bench.tick import NOW0_MS, build_state, load_engine
 from exporters.exposition import encode
+from exporters.http import GZIP_LEVEL
 from exporters.metrics import RpowatchCollector
 from exporters.snapshot import Snapshot, SnapshotHolder
 
@@ -28,8 +32,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(f"# bench.scrape  {machine_line()}")
-    print("| VMs | export.per_vm | lines | MB | encode s | prometheus_client s | **encode / prometheus_client** |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print(
+        "| VMs | export.per_vm | lines | MB | encode s | prometheus_client s | **encode / prometheus_client** |"
+        " gzip s | gzip MB |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         engine = load_engine()
         engine.fleet = build_state(size, 100)
@@ -47,9 +54,15 @@ def main() -> None:
                 seconds, _ = timed(lambda: generate_latest(registry))
                 slow.append(seconds)
             f, s = statistics.median(fast), statistics.median(slow)
+            zipped: list[float] = []
+            compressed = b""
+            for _ in range(args.repeats):
+                seconds, compressed = timed(lambda: gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0))
+                zipped.append(seconds)
             lines = body.count(b"\n")
             print(
-                f"| {size:,} | {per_vm} | {lines:,} | {len(body) / 1e6:.1f} | {f:.2f} | {s:.2f} | **{f / s:.3f}** |",
+                f"| {size:,} | {per_vm} | {lines:,} | {len(body) / 1e6:.1f} | {f:.2f} | {s:.2f} | **{f / s:.3f}** |"
+                f" {statistics.median(zipped):.2f} | {len(compressed) / 1e6:.1f} |",
                 flush=True,
             )
 

@@ -7,6 +7,7 @@ Every handler reads the snapshot holder once per request, so a response describe
 from __future__ import annotations
 
 import asyncio
+import gzip
 import html
 import json
 import logging
@@ -36,13 +37,44 @@ READINESS = web.AppKey[Readiness]("readiness")
 STATES = (lifecycle.PENDING, lifecycle.FIRING, lifecycle.RESOLVED)
 
 
+# gzip's fastest level: at 100,000 VMs with every per-VM series, 181 MB of text become 10.7 MB
+# in 0.37 s (level 6: 9.2 MB in 1.1 s; bench.scrape), on top of 0.7 s to write the text.
+GZIP_LEVEL = 1
+
+
 async def _metrics(request: web.Request) -> web.Response:
     encoder, content_type = encoder_for(request.headers.get("Accept", ""))
+    compress = accepts_gzip(request.headers.get("Accept-Encoding", ""))
     registry = request.app[REGISTRY]
+
+    def render() -> bytes:
+        body = encoder(registry)
+        return gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0) if compress else body
+
     # Rendering a large fleet takes long enough to stall the event loop (and with it ingest and
     # alert sending); the collector only reads an immutable snapshot, so a thread is safe.
-    body = await asyncio.to_thread(encoder, registry)
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    body = await asyncio.to_thread(render)
+    headers = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
+    if compress:
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header accepts gzip (RFC 9110 §12.5.3: named, or `*`, with a
+    weight other than 0). Prometheus asks for it on every scrape unless compression is turned
+    off in its scrape configuration."""
+    for item in accept_encoding.split(","):
+        coding, *parameters = (part.strip().lower() for part in item.split(";"))
+        if coding not in ("gzip", "x-gzip", "*"):
+            continue
+        weights = [p.partition("=")[2] for p in parameters if p.partition("=")[0].strip() == "q"]
+        try:
+            if not weights or float(weights[0]) > 0:
+                return True
+        except ValueError:  # a malformed weight: the coding is not accepted
+            continue
+    return False
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.alertmanager import rfc3339
-from exporters.http import bound_port, make_app, start_http
+from exporters.http import accepts_gzip, bound_port, make_app, start_http
 from exporters.metrics import RpowatchCollector, make_evaluation_histogram
 from exporters.snapshot import SelfCounters, Snapshot, SnapshotHolder
 from ingest.contracts import Stream
@@ -129,6 +130,65 @@ async def test_metrics_openmetrics_format(served: Served, client: aiohttp.Client
     assert families["rpowatch_replication_health"] == "gauge"
     assert families["rpowatch_evaluation_duration_seconds"] == "histogram"
     assert "rpowatch_build_info" in families
+
+
+async def _raw_metrics(client: aiohttp.ClientSession, base: str, accept_encoding: str) -> tuple[str | None, bytes]:
+    """The body as sent (not decompressed by the client) and its Content-Encoding."""
+    headers = {"Accept-Encoding": accept_encoding}
+    async with client.get(f"{base}/metrics", headers=headers, auto_decompress=False) as response:
+        assert response.status == 200
+        assert response.headers["Vary"] == "Accept-Encoding"
+        return response.headers.get("Content-Encoding"), await response.read()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    # The evaluation histogram is left out: nothing else in the body changes between two scrapes.
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+async def test_metrics_gzip_when_the_scraper_accepts_it(served: Served, client: aiohttp.ClientSession) -> None:
+    # What Prometheus sends on every scrape (scrape_config `enable_compression`, on by default).
+    encoding, body = await _raw_metrics(client, served.base, "gzip")
+    assert encoding == "gzip"
+    text = gzip.decompress(body).decode()
+    plain_encoding, plain = await _raw_metrics(client, served.base, "identity")
+    assert plain_encoding is None
+    assert len(body) < len(plain)
+    assert _samples(text) == _samples(plain.decode())
+    assert ("rpowatch_replication_lag_seconds", (("hci_cluster", "c1"), ("target", "azure:westeurope"),
+            ("technology", "asr"), ("vm", "vm2"))) in _samples(text)
+
+
+async def test_metrics_uncompressed_when_gzip_is_refused(served: Served, client: aiohttp.ClientSession) -> None:
+    for refused in ("gzip;q=0", "deflate", "br, *;q=0"):
+        encoding, body = await _raw_metrics(client, served.base, refused)
+        assert encoding is None, refused
+        assert body.startswith(b"# HELP"), refused
+
+
+@pytest.mark.parametrize(
+    ("header", "accepted"),
+    [
+        ("gzip", True),
+        ("GZip", True),
+        ("deflate, gzip;q=1.0, *;q=0.5", True),
+        ("gzip;q=0.001", True),
+        ("x-gzip", True),
+        ("*", True),
+        ("", False),
+        ("identity", False),
+        ("gzip;q=0", False),
+        ("gzip; q=0.0", False),
+        ("gzip;q=zero", False),
+        ("br, deflate", False),
+    ],
+)
+def test_accepts_gzip(header: str, accepted: bool) -> None:
+    assert accepts_gzip(header) is accepted
 
 
 async def test_healthz_and_readyz(served: Served, client: aiohttp.ClientSession) -> None:
