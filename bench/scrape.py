@@ -1,6 +1,7 @@
 """What one /metrics scrape costs at fleet scale, and how much the polars writer saves.
 
     python3 -m bench.scrape --sizes 2000 100000
+    python3 -m bench.scrape --sizes 1000000 --per-vm violating none
 
 For each size: bench.tick's fleet, one tick, then the scrape's body rendered from the service's
 collector with every `export.per_vm` setting, by `exporters.exposition.encode` (what /metrics
@@ -30,6 +31,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2_000, 100_000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--per-vm", nargs="+", choices=("all", "violating", "none"), default=["all", "violating", "none"],
+        help="export.per_vm settings to measure (a million VMs with `all` takes minutes)",
+    )
     args = parser.parse_args()
     print(f"# bench.scrape  {machine_line()}")
     print(
@@ -42,7 +47,7 @@ def main() -> None:
         engine.fleet = build_state(size, 100)
         holder = SnapshotHolder()
         holder.set(Snapshot(engine.tick(NOW0_MS)))
-        for per_vm in ("all", "violating", "none"):
+        for per_vm in args.per_vm:
             registry = CollectorRegistry()
             registry.register(RpowatchCollector(holder, per_vm, clock=lambda: NOW0_MS / 1000 + 2.5))
             fast: list[float] = []

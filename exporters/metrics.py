@@ -27,7 +27,7 @@ from exporters.exposition import VALUE, FrameGauge
 from exporters.snapshot import SelfStats, Snapshot, SnapshotHolder
 from rules import lifecycle
 from rules.engine import TickResult, empty_result
-from rules.views import ENTITIES, Views
+from rules.views import ENTITIES
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,38 @@ _NODE_GAUGES = (
     ),
 )
 
+# Beyond contracts.md §3: per-instance counts of VMs, exported whatever `export.per_vm` says, so
+# that fleet-wide compliance (dashboards, recording rules) stays right when per-VM series are
+# limited to the violating VMs or dropped, as they must be for very large fleets.
+RPO_STANDINGS = ("within", "over", "unknown")
+_REPLICATION_VMS = (
+    "rpowatch_cluster_replication_vms",
+    "Replicated VMs of the instance whose lag at scrape time is within or over their RPO, or whose RPO is unknown.",
+)
+_REPLICATION_HEALTH_VMS = (
+    "rpowatch_cluster_replication_health_vms",
+    "Replicated VMs of the instance per replication health state (normal, warning, critical).",
+)
+_BACKUP_VMS = (
+    "rpowatch_cluster_backup_vms",
+    "Backed-up VMs of the instance whose newest successful backup (without one, since first seen) at scrape "
+    "time is within or over their backup RPO, or whose backup RPO is unknown.",
+)
+_TEST_OVERDUE_VMS = (
+    (
+        "rpowatch_cluster_failover_test_overdue_vms",
+        "failover_test_age_seconds",
+        "failover_test_max_age_seconds",
+        "Replicated VMs of the instance whose last test failover is older than their policy allows.",
+    ),
+    (
+        "rpowatch_cluster_restore_test_overdue_vms",
+        "restore_test_age_seconds",
+        "restore_test_max_age_seconds",
+        "Backed-up VMs of the instance whose last restore test is older than their policy allows.",
+    ),
+)
+
 # 1 ms .. 1 s is the expected range of one tick; 2.5 s shows ticks that overran a typical
 # evaluation interval instead of hiding them in +Inf.
 EVALUATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -234,9 +266,13 @@ class RpowatchCollector(Collector):
 
     def _collect(self, snapshot: Snapshot) -> Iterator[Metric]:
         views = snapshot.result.views
+        now_s = self._clock()
+        replication = _at_scrape_time(views.vm_replication, now_s, views.now_ms)
+        backup = _backup_at_scrape_time(views.vm_backup, now_s, views.now_ms)
         if self._per_vm != "none":
-            yield from self._replication(views)
-            yield from self._backup(views)
+            yield from self._replication(replication)
+            yield from self._backup(backup)
+        yield from _vm_counts(replication, backup)
         yield from _gauges(views.cluster, CLUSTER_LABELS, _CLUSTER_GAUGES)
         yield from _gauges(views.link, LINK_LABELS, _LINK_GAUGES)
         yield from _gauges(views.node, NODE_LABELS, _NODE_GAUGES)
@@ -244,39 +280,13 @@ class RpowatchCollector(Collector):
         yield self._alerts(snapshot.result)
         yield from self._self_metrics(snapshot.self_stats)
 
-    def _replication(self, views: Views) -> Iterator[Metric]:
-        frame = views.vm_replication
-        columns = set(frame.columns)
-        if self._per_vm == "violating" and "health_state" in columns:
+    def _replication(self, frame: pl.DataFrame) -> Iterator[Metric]:
+        """Per-VM replication families from the view as of scrape time (`_at_scrape_time`)."""
+        if self._per_vm == "violating" and "health_state" in frame.columns:
             frame = frame.filter(pl.col("health_state") != "normal")
-        now_s = self._clock()
-        # The view was computed at the last tick; lag keeps growing between ticks, so it is
-        # recomputed from the recovery point at scrape time (contracts.md §3). Without a
-        # recovery point, the view's lag (since first seen) is advanced by the time since.
-        elapsed = now_s - views.now_ms / 1000.0
-        moving: list[pl.Expr] = []
-        if {"last_recovery_point_seconds", "lag_seconds"} <= columns:
-            last_rp = pl.col("last_recovery_point_seconds")
-            moving.append(
-                pl.when(last_rp.is_not_null())
-                .then(pl.lit(now_s) - last_rp)
-                .otherwise(pl.col("lag_seconds") + elapsed)
-                .alias("lag_seconds")
-            )
-        if "time_to_breach_seconds" in columns:
-            # The predicted breach moves closer by the same elapsed time.
-            ttb = pl.col("time_to_breach_seconds")
-            moving.append(
-                pl.when(ttb.is_infinite())
-                .then(ttb)
-                .otherwise(pl.max_horizontal(ttb - elapsed, pl.lit(0.0)))
-                .alias("time_to_breach_seconds")
-            )
-        if moving:
-            frame = frame.with_columns(moving)
         yield from _gauges(frame, REPLICATION_LABELS, _REPLICATION_GAUGES)
         yield from _gauges(frame, BACKUP_LABELS, (_FAILOVER_TEST,))
-        if "health_state" in columns:
+        if "health_state" in frame.columns:
             yield self._health(frame)
 
     def _health(self, frame: pl.DataFrame) -> GaugeMetricFamily:
@@ -295,8 +305,7 @@ class RpowatchCollector(Collector):
             rows,
         )
 
-    def _backup(self, views: Views) -> Iterator[Metric]:
-        frame = views.vm_backup
+    def _backup(self, frame: pl.DataFrame) -> Iterator[Metric]:
         if self._per_vm == "violating" and {"backup_age_seconds", "backup_rpo_target_seconds"} <= set(frame.columns):
             frame = frame.filter(
                 (pl.col("backup_age_seconds") > pl.col("backup_rpo_target_seconds")).fill_null(False)
@@ -376,3 +385,88 @@ class RpowatchCollector(Collector):
 def _with_zeros(counts: dict[str, int], keys: Iterable[str]) -> dict[str, int]:
     """`counts` plus 0 for every key it lacks."""
     return {**{key: 0 for key in keys}, **counts}
+
+
+def _at_scrape_time(frame: pl.DataFrame, now_s: float, view_ms: int) -> pl.DataFrame:
+    """The replication view with what moves between ticks moved to scrape time (contracts.md
+    §3 computes lag at scrape time): lag from the recovery point (without one, the view's lag
+    since first seen, advanced by the time since the tick), the predicted breach closer by that
+    time, the failover test older by it."""
+    columns = set(frame.columns)
+    elapsed = now_s - view_ms / 1000.0
+    moving: list[pl.Expr] = []
+    if {"last_recovery_point_seconds", "lag_seconds"} <= columns:
+        last_rp = pl.col("last_recovery_point_seconds")
+        moving.append(
+            pl.when(last_rp.is_not_null())
+            .then(pl.lit(now_s) - last_rp)
+            .otherwise(pl.col("lag_seconds") + elapsed)
+            .alias("lag_seconds")
+        )
+    if "time_to_breach_seconds" in columns:
+        ttb = pl.col("time_to_breach_seconds")
+        moving.append(
+            pl.when(ttb.is_infinite())
+            .then(ttb)
+            .otherwise(pl.max_horizontal(ttb - elapsed, pl.lit(0.0)))
+            .alias("time_to_breach_seconds")
+        )
+    if "failover_test_age_seconds" in columns:
+        moving.append(pl.col("failover_test_age_seconds") + elapsed)
+    return frame.with_columns(moving) if moving else frame
+
+
+def _backup_at_scrape_time(frame: pl.DataFrame, now_s: float, view_ms: int) -> pl.DataFrame:
+    """The backup view with its ages advanced from the tick to scrape time."""
+    elapsed = now_s - view_ms / 1000.0
+    ages = [c for c in ("backup_age_seconds", "restore_test_age_seconds") if c in frame.columns]
+    return frame.with_columns(pl.col(c) + elapsed for c in ages) if ages else frame
+
+
+def _standing(value: str, target: str) -> pl.Expr:
+    """`within`, `over` or `unknown` (no target or no value) for each row."""
+    v, t = pl.col(value).cast(pl.Float64), pl.col(target).cast(pl.Float64)
+    return (
+        pl.when(t.is_null() | t.is_nan() | v.is_null() | v.is_nan())
+        .then(pl.lit("unknown"))
+        .when(v <= t)
+        .then(pl.lit("within"))
+        .otherwise(pl.lit("over"))
+    )
+
+
+def _counts(
+    frame: pl.DataFrame, category: pl.Expr, categories: Sequence[str], label: str, spec: tuple[str, str]
+) -> FrameGauge:
+    """How many rows of `frame` each instance has per value of `category` (named `label`), every
+    category exported for every instance, 0 included: a ratio over them must not lose an
+    instance whose VMs are all on one side."""
+    counts = frame.group_by(pl.col("hci_cluster").cast(pl.String).fill_null("")).agg(
+        (category == c).sum().alias(c) for c in categories
+    )
+    rows = counts.unpivot(index="hci_cluster", variable_name=label, value_name=VALUE).select(
+        "hci_cluster", label, pl.col(VALUE).cast(pl.Float64)
+    )
+    name, doc = spec
+    return FrameGauge(name, doc, ["hci_cluster", label], rows.sort("hci_cluster", label))
+
+
+def _vm_counts(replication: pl.DataFrame, backup: pl.DataFrame) -> Iterator[Metric]:
+    """Per-instance counts of VMs by RPO standing, health and overdue tests, at scrape time."""
+    if {"hci_cluster", "lag_seconds", "rpo_target_seconds"} <= set(replication.columns):
+        standing = _standing("lag_seconds", "rpo_target_seconds")
+        yield _counts(replication, standing, RPO_STANDINGS, "rpo", _REPLICATION_VMS)
+    if {"hci_cluster", "health_state"} <= set(replication.columns):
+        yield _counts(replication, pl.col("health_state"), HEALTH_STATES, "state", _REPLICATION_HEALTH_VMS)
+    if {"hci_cluster", "backup_age_seconds", "backup_rpo_target_seconds"} <= set(backup.columns):
+        # backup_age_seconds counts from first seen when no backup ever succeeded: such a VM is
+        # over its RPO only once that is longer than the RPO, as the BackupRPOBreach rule says.
+        standing = _standing("backup_age_seconds", "backup_rpo_target_seconds")
+        yield _counts(backup, standing, RPO_STANDINGS, "rpo", _BACKUP_VMS)
+    for (name, age, max_age, doc), frame in zip(_TEST_OVERDUE_VMS, (replication, backup)):
+        if {"hci_cluster", age, max_age} <= set(frame.columns):
+            overdue = (pl.col(age) > pl.col(max_age)).fill_null(False)
+            counts = frame.group_by(pl.col("hci_cluster").cast(pl.String).fill_null("")).agg(
+                overdue.sum().cast(pl.Float64).alias(VALUE)
+            )
+            yield FrameGauge(name, doc, ["hci_cluster"], counts.sort("hci_cluster"))

@@ -321,6 +321,35 @@ async def test_every_metric_a_dashboard_names_is_exported(live: Live) -> None:
     assert not missing, f"dashboards name metrics rpowatch does not export: {missing}"
 
 
+async def test_instance_counts_agree_with_the_per_vm_series_in_prometheus(live: Live) -> None:
+    # Each pair is compared within one query, so both sides read the same scrape (a query sees
+    # whole scrapes only): they must be equal exactly.
+    pairs = {
+        'sum(rpowatch_cluster_replication_vms{rpo!="unknown"})': "count(rpowatch_replication_rpo_target_seconds)",
+        'sum(rpowatch_cluster_replication_vms{rpo="within"})': (
+            "sum(rpowatch_replication_lag_seconds <= bool rpowatch_replication_rpo_target_seconds)"
+        ),
+        'sum(rpowatch_cluster_replication_vms{rpo="over"})': (
+            "sum(rpowatch_replication_lag_seconds > bool rpowatch_replication_rpo_target_seconds)"
+        ),
+        'sum(rpowatch_cluster_replication_health_vms{state="warning"})': 'sum(rpowatch_replication_health{state="warning"})',
+        'sum(rpowatch_cluster_replication_health_vms{state="critical"})': (
+            'sum(rpowatch_replication_health{state="critical"})'
+        ),
+        'sum(rpowatch_cluster_backup_vms{rpo!="unknown"})': "count(rpowatch_backup_rpo_target_seconds)",
+    }
+    # Once the scripted stall has put a VM over its RPO, both sides of the RPO are counted.
+    over = 'sum(rpowatch_cluster_replication_vms{rpo="over"})'
+    await live.prometheus.wait_for_async(over, lambda r: bool(r) and float(r[0]["value"][1]) >= 1, timeout=60)
+    for counted, per_vm in pairs.items():
+        (difference,) = await _query(live.prometheus, f"({counted}) - ({per_vm})")
+        if float(difference["value"][1]) != 0:
+            sides = [await _query(live.prometheus, expr) for expr in (counted, per_vm)]  # for the message
+            pytest.fail(f"{counted} - {per_vm} = {difference['value'][1]}; now {sides}")
+    (total,) = await _query(live.prometheus, "sum(rpowatch_cluster_replication_vms)")
+    assert float(total["value"][1]) == VMS
+
+
 async def test_live_scrape_passes_promtool_check_metrics(live: Live) -> None:
     content_type, text = await _scrape(live.metrics_url)
     assert content_type.startswith("text/plain; version=0.0.4")

@@ -260,6 +260,59 @@ def test_per_vm_none_keeps_only_aggregates(result: TickResult) -> None:
     assert aggregates <= names
 
 
+def _counts(registry: CollectorRegistry, name: str, label: str, values: tuple[str, ...]) -> dict[str, float | None]:
+    return {v: registry.get_sample_value(name, {"hci_cluster": "c1", label: v}) for v in values}
+
+
+@pytest.mark.parametrize("per_vm", ["all", "violating", "none"])
+def test_vm_counts_per_instance_whatever_per_vm_exports(result: TickResult, per_vm: PerVm) -> None:
+    # Fleet compliance must not depend on which per-VM series are exported.
+    registry = _scrape(result, per_vm)
+    rpo = ("within", "over", "unknown")
+    # At the scrape (10 s after the tick): vm1 70 s and vm3 510 s within the 600 s RPO, vm2 710 s.
+    assert _counts(registry, "rpowatch_cluster_replication_vms", "rpo", rpo) == {"within": 2, "over": 1, "unknown": 0}
+    health = ("normal", "warning", "critical")
+    assert _counts(registry, "rpowatch_cluster_replication_health_vms", "state", health) == {
+        "normal": 1, "warning": 1, "critical": 1
+    }
+    # Backups: vm1 an hour old, vm2 two days against a one-day RPO.
+    assert _counts(registry, "rpowatch_cluster_backup_vms", "rpo", rpo) == {"within": 1, "over": 1, "unknown": 0}
+    get = registry.get_sample_value
+    assert get("rpowatch_cluster_failover_test_overdue_vms", {"hci_cluster": "c1"}) == 0.0
+    assert get("rpowatch_cluster_restore_test_overdue_vms", {"hci_cluster": "c1"}) == 0.0
+
+
+def test_vm_counts_are_taken_at_scrape_time(result: TickResult) -> None:
+    holder = SnapshotHolder(Snapshot(result))
+    registry = CollectorRegistry()
+    # 120 s after the tick vm3's lag (500 s at the tick) is past its 600 s RPO; its health is the
+    # tick's until the next one.
+    registry.register(RpowatchCollector(holder, "none", clock=lambda: NOW_S + 120))
+    counts = _counts(registry, "rpowatch_cluster_replication_vms", "rpo", ("within", "over", "unknown"))
+    assert counts == {"within": 1, "over": 2, "unknown": 0}
+
+
+def test_vm_counts_of_unknown_policies_and_overdue_tests(result: TickResult) -> None:
+    views = result.views
+    day = 86_400.0
+    replication = views.vm_replication.with_columns(
+        pl.when(pl.col("vm") == "vm1").then(None).otherwise(pl.col("rpo_target_seconds")).alias("rpo_target_seconds"),
+        pl.when(pl.col("vm") == "vm2").then(40 * day).otherwise(pl.col("failover_test_age_seconds"))
+        .alias("failover_test_age_seconds"),
+    )
+    backup = views.vm_backup.with_columns(
+        pl.when(pl.col("vm") == "vm1").then(100 * day).otherwise(pl.col("restore_test_age_seconds"))
+        .alias("restore_test_age_seconds"),
+    )
+    changed = dataclasses.replace(result, views=views.replace(vm_replication=replication, vm_backup=backup))
+    registry = _scrape(changed, "violating")
+    counts = _counts(registry, "rpowatch_cluster_replication_vms", "rpo", ("within", "over", "unknown"))
+    assert counts == {"within": 1, "over": 1, "unknown": 1}
+    get = registry.get_sample_value
+    assert get("rpowatch_cluster_failover_test_overdue_vms", {"hci_cluster": "c1"}) == 1.0
+    assert get("rpowatch_cluster_restore_test_overdue_vms", {"hci_cluster": "c1"}) == 1.0
+
+
 def test_invalid_per_vm_option_is_rejected() -> None:
     with pytest.raises(ValueError):
         RpowatchCollector(SnapshotHolder(), "some")  # type: ignore[arg-type]
@@ -345,6 +398,14 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "rpowatch_alertmanager_notifications_failed_total": ("counter", ("url",)),
     "rpowatch_build_info": ("gauge", ("version",)),
 }
+# Beyond contracts.md §3 (README "Metrics"): per-instance counts of VMs.
+BEYOND_CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "rpowatch_cluster_replication_vms": ("gauge", ("hci_cluster", "rpo")),
+    "rpowatch_cluster_replication_health_vms": ("gauge", ("hci_cluster", "state")),
+    "rpowatch_cluster_backup_vms": ("gauge", ("hci_cluster", "rpo")),
+    "rpowatch_cluster_failover_test_overdue_vms": ("gauge", ("hci_cluster",)),
+    "rpowatch_cluster_restore_test_overdue_vms": ("gauge", ("hci_cluster",)),
+}
 
 
 @pytest.fixture
@@ -390,7 +451,7 @@ def test_every_contract_family_is_exported_with_its_type_and_labels(full_result:
             label_sets.add(frozenset(sample.labels))
     missing = sorted(set(CONTRACT) - set(seen))
     assert not missing, f"contract families not exported: {missing}"
-    for name, (kind, labels) in CONTRACT.items():
+    for name, (kind, labels) in {**CONTRACT, **BEYOND_CONTRACT}.items():
         exported_kind, label_sets = seen[name]
         assert exported_kind == kind, (name, exported_kind)
         assert label_sets == {frozenset(labels)}, (name, label_sets)
@@ -402,8 +463,8 @@ def test_every_contract_family_is_exported_with_its_type_and_labels(full_result:
     assert registry.get_sample_value("rpowatch_restore_test_last_success_timestamp_seconds", vm1) == pytest.approx(
         NOW_S - 7 * 86_400
     )
-    # Nothing outside the contract (and the histogram's _created) is exported.
-    extra = {n for n in seen if n not in CONTRACT and not n.endswith("_created")}
+    # Nothing outside the contract, the documented additions and the histogram's _created.
+    extra = {n for n in seen if n not in CONTRACT and n not in BEYOND_CONTRACT and not n.endswith("_created")}
     assert not extra, extra
 
 
