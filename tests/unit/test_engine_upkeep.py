@@ -110,3 +110,30 @@ def test_the_alert_table_and_label_store_stay_in_few_chunks_over_many_ticks() ->
         assert max(engine.alerts.n_chunks("all")) <= MAX_CHUNKS
         assert max(engine._labels.n_chunks("all")) <= MAX_CHUNKS
     assert ticks_with_new_alerts > 2 * MAX_CHUNKS, "too few ticks appended alerts to test anything"
+
+
+def test_both_polars_engines_find_the_same_alerts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small fleets evaluate on the in-memory engine, large ones on the streaming engine
+    # (STREAMING_FROM_VMS): the same fleet must give the same alerts on either.
+    streaming, in_memory = engine_with_traffic(), engine_with_traffic()
+    engines = {"streaming": (streaming, 0), "in-memory": (in_memory, 10**9)}
+    used: list[str] = []
+    real = rules.engine.pl.collect_all
+
+    def recorded(queries: Any, **kwargs: Any) -> Any:
+        used.append(kwargs.get("engine", "auto"))
+        return real(queries, **kwargs)
+
+    monkeypatch.setattr(rules.engine.pl, "collect_all", recorded)
+    for second in range(1, 4):
+        now = NOW0_MS + second * TICK_MS
+        results = {}
+        for name, (engine, threshold) in engines.items():
+            monkeypatch.setattr(rules.engine, "STREAMING_FROM_VMS", threshold)
+            advance(engine, now)
+            used.clear()
+            results[name] = engine.tick(now)
+            assert name in used, used
+        got, want = results["streaming"], results["in-memory"]
+        assert got.alerts.height > 100  # the fleet of bench.tick has standing alerts
+        assert_frame_equal(got.alerts.sort("alert_id"), want.alerts.sort("alert_id"))
