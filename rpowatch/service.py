@@ -345,8 +345,25 @@ class Service:
             await loop.run_in_executor(
                 self._executor, self.engine.prepare, int(self.clock() * 1000), int(interval * 1000)
             )
-            next_at += interval
+            next_at = next_tick_at(next_at, loop.time(), interval)
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+
+def next_tick_at(scheduled_at: float, now: float, interval: float) -> float:
+    """When the tick after the one scheduled at `scheduled_at` starts: an interval later, so
+    the schedule does not drift; or now, when that time has already passed (the tick, or a
+    pause of the whole process, overran). The ticks missed meanwhile are skipped rather than
+    run back to back: each evaluates the fleet as it is now, so a burst would only repeat the
+    same work while ingest and scrapes wait for the CPU."""
+    following = scheduled_at + interval
+    if following >= now:
+        return following
+    missed = int((now - following) // interval) + 1
+    if missed > 1:
+        logger.warning(
+            "evaluation fell %.1f s behind its %g s interval; %d ticks skipped", now - following, interval, missed - 1
+        )
+    return now
 
 
 LOGGED_TRANSITIONS = 20  # per tick, one line each; beyond that a count per alert and transition
