@@ -18,7 +18,7 @@ import polars as pl
 
 from ingest.contracts import Stream
 from rules import lifecycle, state
-from rules.describe import ANNOTATION_SCHEMA, IDENTITY_SCHEMA, Describer, Details, compact, empty_store
+from rules.describe import ANNOTATION_SCHEMA, LABELS_SCHEMA, Describer, Details, Identities, compact, empty_store
 from rules.pack import RulePack
 from rules.policy import DEFAULT_POLICY, Policy
 from rules.views import (
@@ -138,9 +138,10 @@ class Engine:
         )
         self._describer = Describer(rules, self.settings.static_labels)
         self._salts = self._describer.salts
-        # Labels of every known alert, and annotations of alerts as of the last tick they were
-        # true (append-only stores, compacted when they have grown; see rules.describe).
-        self._labels = empty_store(IDENTITY_SCHEMA)
+        # Labels of the alerts whose alert_key is ambiguous (usually none; the others' are
+        # rebuilt when read), and annotations of alerts as of the last tick they were true
+        # (append-only stores, compacted when they have grown; see rules.describe).
+        self._labels = empty_store(LABELS_SCHEMA)
         self._stored = empty_store(ANNOTATION_SCHEMA)
         # The previous tick's views and active alerts: where alerts that stop being true now
         # get their last annotations from.
@@ -233,7 +234,7 @@ class Engine:
             advanced, changes = lifecycle.advance(
                 alerts,
                 active,
-                new.join(identities, on="alert_id", how="left").select(lifecycle.NEW_SCHEMA.names()),
+                new.join(identities.identity, on="alert_id", how="left").select(lifecycle.NEW_SCHEMA.names()),
                 now_ms,
                 self._timing,
                 int(self.settings.resolved_retention_s * 1000),
@@ -241,7 +242,7 @@ class Engine:
             self.alerts = pl.concat([advanced, frozen]) if held else advanced
             clock.lap("lifecycle")
             self._remember(identities, active, now_ms)
-            details = Details(self._describer, views, active, self._labels, self._stored)
+            details = Details(self._describer, views, active, self.alerts, self._labels, self._stored)
             self._previous = (views, active)
             changes = self._identify(changes)
             clock.lap("transitions")
@@ -348,10 +349,12 @@ class Engine:
         columns = _columns(self.pack.rules[rule].condition)
         return columns if columns is not None else set(views.lazy(entity).collect_schema().names()) - {ROW}
 
-    def _remember(self, identities: pl.DataFrame, active: pl.DataFrame, now_ms: int) -> None:
-        """Store the labels of new alerts, and the annotations of alerts that stopped being true
-        at this tick as of the previous tick (their last true one)."""
-        self._labels = compact(pl.concat([self._labels, identities]), self.alerts)
+    def _remember(self, identities: Identities, active: pl.DataFrame, now_ms: int) -> None:
+        """Store the labels of new alerts with an ambiguous key, and the annotations of alerts
+        that stopped being true at this tick as of the previous tick (their last true one)."""
+        if not identities.odd_labels.is_empty():
+            self._labels = pl.concat([self._labels, identities.odd_labels])
+        self._labels = compact(self._labels, self.alerts)
         if self._previous is not None:
             views, was_active = self._previous
             # True at the previous tick and not now: the lifecycle left their last true time

@@ -420,3 +420,25 @@ def test_a_constant_condition_switches_a_rule_off_without_building_the_per_vm_vi
     assert states(result, "ReplicationRPOBreach") == {}
     assert states(result, "VMUnprotected") == {"vm1": "firing"}  # the other rules as before
     assert "vm_replication" not in result.views._frames
+
+
+def test_labels_stay_exact_when_a_value_holds_the_key_separator() -> None:
+    """alert_key joins the identity labels' values with \\x1f; a value containing it makes the
+    key ambiguous, so that alert's labels are stored at birth instead of rebuilt from the key."""
+    engine = Engine(default_pack())
+    odd, plain = "vm\x1fodd", "vm2"
+    feed(engine, Stream.REPLICATION, [rep("a", T0, T0, vm=odd), rep("b", T0, T0, vm=plain)], T0)
+    assert engine._labels.is_empty()
+    result = engine.tick(T0 + 61 * S)
+    fired = result.transitions.filter((pl.col("alertname") == "ReplicationRPOBreach") & (pl.col("transition") == "fired"))
+    labels = {json.loads(row)["vm"]: json.loads(row) for row in fired.get_column("labels").to_list()}
+    assert set(labels) == {odd, plain}
+    assert labels[odd]["hci_cluster"] == "c1" and labels[odd]["target"] == "c2"
+    assert labels[odd]["technology"] == "hyperv_replica"
+    # Only the ambiguous alerts' labels are stored (this VM's ReplicationRPOBreach and its
+    # VMUnprotected): every other alert's are rebuilt when read.
+    assert engine._labels.height == 2
+    later = engine.tick(T0 + 62 * S)
+    described = later.with_details(later.alerts)
+    vms = {json.loads(row)["vm"] for row in described.get_column("labels").to_list()}
+    assert vms == {odd, plain}

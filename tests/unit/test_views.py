@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 
@@ -12,13 +13,16 @@ from polars.testing import assert_frame_equal
 
 from bench.tick import NOW0_MS, build_state, due_cycles, load_engine
 from rules import state
+from rules.describe import LABELS_SCHEMA, alert_id
 from rules.engine import TickResult
 from rules.views import (
+    ENTITIES,
     Aggregates,
     GatherMemo,
     JoinMemo,
     Pairing,
     ViewParams,
+    Views,
     _vm,
     _with_prediction,
     summarise,
@@ -373,8 +377,42 @@ def test_rendering_many_alerts_at_once_equals_rendering_each_alone() -> None:
     rules = active.get_column("rule").unique()
     assert rules.len() >= 6  # several rules of several entities
     rows = active.group_by("rule").head(7).sample(fraction=1.0, shuffle=True, seed=4)
-    for render in (describer.identities, describer.annotations):
+    def identities(views: Views, rows: pl.DataFrame) -> pl.DataFrame:
+        return describer.identities(views, rows).identity
+
+    for render in (identities, describer.annotations):
         together = render(views, rows).sort("alert_id")
         alone = pl.concat([render(views, rows.slice(i, 1)) for i in range(rows.height)]).sort("alert_id")
         assert_frame_equal(together, alone)
         assert together.height == rows.height
+
+
+def test_labels_rebuilt_from_the_alert_key_equal_labels_rendered_from_the_views() -> None:
+    """An alert's labels are rebuilt when read from its rule and `alert_key`; they must be the
+    very JSON rendering them from the entity's view at birth gives, for every rule and entity
+    (keys of one and of four values, empty values)."""
+    engine = load_engine()
+    engine.fleet = build_state(2_000, 100)
+    result = engine.tick(NOW0_MS + 7_200_000)
+    views, describer = result.views, engine._describer
+    active = engine._active(views, [])
+    assert active.get_column("rule").n_unique() >= 6
+
+    def from_views(index: int, part: pl.DataFrame) -> pl.DataFrame:
+        names = ENTITIES[describer.rules[index].spec.entity].labels
+        values = [pl.col(c).cast(pl.String).fill_null("").alias(c) for c in names]
+        return part.select(alert_id(describer.rules[index].spec.entity, describer.salts[index]),
+                           describer._label_json(index, values).alias("labels"))
+
+    want = describer._render(views, active, describer._identity_reads, from_views, LABELS_SCHEMA)
+    rows = result.alerts.filter(pl.col("alert_id").is_in(active.get_column("alert_id").implode()))
+    got = describer.labels(rows.select("alert_id", "rule", "alert_key"))
+    assert got.height == want.height == active.height
+    assert_frame_equal(got.sort("alert_id"), want.sort("alert_id"))
+    # A key of one value is that value, whatever it holds (it is never split).
+    index = next(i for i, r in enumerate(describer.rules) if ENTITIES[r.spec.entity].labels == ("hci_cluster",))
+    odd = pl.DataFrame({"alert_id": [7], "rule": [index], "alert_key": ["hci\x1fa"]},
+                       schema={"alert_id": pl.UInt64, "rule": pl.UInt16, "alert_key": pl.String})
+    (labels,) = describer.labels(odd).get_column("labels").to_list()
+    assert json.loads(labels)["hci_cluster"] == "hci\x1fa"
+    assert labels == pl.select(describer._label_json(index, [pl.lit("hci\x1fa").alias("hci_cluster")])).item()
