@@ -23,10 +23,22 @@ import polars as pl
 
 from bench._common import machine_line, ms, rss_bytes, timed
 from bench.tick import NOW0_MS, TICK_STEP_MS, baseline, build_state, load_engine, run_second
+from rules.state import FleetState
 
 STEADY_SECONDS = 4
 HOURS_BEHIND_MS = 2 * 3_600_000  # past every RPO of bench.tick's fleet (30 min at most)
 MIB = 1024**2
+
+
+def stalled(fleet: FleetState, share: float, now_ms: int) -> tuple[FleetState, int]:
+    """`fleet` with its first `share` of VMs two hours behind at `now_ms`, and their number."""
+    stormed = int(fleet.replication.height * share)
+    late = pl.int_range(pl.len()) < stormed
+    replication = fleet.replication.with_columns(
+        pl.when(late).then(pl.lit(now_ms - HOURS_BEHIND_MS)).otherwise(pl.col("last_recovery_point_ms"))
+        .alias("last_recovery_point_ms")
+    )
+    return replace(fleet, replication=replication), stormed
 
 
 def storm(vms: int, share: float, ticks: int, vms_per_cluster: int) -> None:
@@ -38,13 +50,7 @@ def storm(vms: int, share: float, ticks: int, vms_per_cluster: int) -> None:
         run_second(engine, now)
         engine.tick(now)
     before, rss_before = engine.alerts.height, rss_bytes()
-    stormed = int(engine.fleet.replication.height * share)
-    late = pl.int_range(pl.len()) < stormed
-    replication = engine.fleet.replication.with_columns(
-        pl.when(late).then(pl.lit(now - HOURS_BEHIND_MS)).otherwise(pl.col("last_recovery_point_ms"))
-        .alias("last_recovery_point_ms")
-    )
-    engine.fleet = replace(engine.fleet, replication=replication)
+    engine.fleet, stormed = stalled(engine.fleet, share, now)
     print(f"\n{vms:,} VMs, {stormed:,} of them ({share:.0%}) two hours behind at once; "
           f"{before:,} alerts and {rss_before / MIB:,.0f} MiB RSS before\n")
     print("| tick | ms | max ms | tick / max | aggregates | conditions | labels | lifecycle | transitions "

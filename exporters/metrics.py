@@ -226,7 +226,9 @@ class RpowatchCollector(Collector):
 
     `export_per_vm` limits per-VM series for very large fleets: "violating" keeps VMs whose
     replication health is not normal or whose backup is older than its RPO, "none" drops
-    per-VM families; cluster, link, node, alert and self metrics are always exported.
+    per-VM families; cluster, link, node, count, alert and self metrics are always exported.
+    `export_max_vms` caps the VMs per-VM families describe (replicas and backups each), the
+    furthest past their RPO first; `rpowatch_export_omitted_vms` says how many were left out.
     `clock` (Unix seconds) is the scrape-time "now" for lag; tests inject it.
     `known_alerts` ((alertname, severity) of every rule) and `alertmanager_urls` pre-initialise
     `rpowatch_alerts` and the notification counters at 0, so they exist (and rates and ratios
@@ -240,11 +242,15 @@ class RpowatchCollector(Collector):
         clock: Callable[[], float] = time.time,
         known_alerts: Iterable[tuple[str, str]] = (),
         alertmanager_urls: Iterable[str] = (),
+        export_max_vms: int | None = None,
     ) -> None:
         if export_per_vm not in ("all", "violating", "none"):
             raise ValueError(f"export_per_vm must be all, violating or none, not {export_per_vm!r}")
+        if export_max_vms is not None and export_max_vms < 1:
+            raise ValueError(f"export_max_vms must be at least 1, not {export_max_vms}")
         self._holder = holder
         self._per_vm = export_per_vm
+        self._max_vms = export_max_vms
         self._clock = clock
         # (alertname, severity) of every rule: exported as 0 when nothing fires, so a count that
         # drops to zero reads 0 rather than disappearing.
@@ -269,9 +275,11 @@ class RpowatchCollector(Collector):
         now_s = self._clock()
         replication = _at_scrape_time(views.vm_replication, now_s, views.now_ms)
         backup = _backup_at_scrape_time(views.vm_backup, now_s, views.now_ms)
+        omitted = {"replication": 0, "backup": 0}
         if self._per_vm != "none":
-            yield from self._replication(replication)
-            yield from self._backup(backup)
+            yield from self._replication(replication, omitted)
+            yield from self._backup(backup, omitted)
+        yield _omitted(omitted)
         yield from _vm_counts(replication, backup)
         yield from _gauges(views.cluster, CLUSTER_LABELS, _CLUSTER_GAUGES)
         yield from _gauges(views.link, LINK_LABELS, _LINK_GAUGES)
@@ -280,10 +288,11 @@ class RpowatchCollector(Collector):
         yield self._alerts(snapshot.result)
         yield from self._self_metrics(snapshot.self_stats)
 
-    def _replication(self, frame: pl.DataFrame) -> Iterator[Metric]:
+    def _replication(self, frame: pl.DataFrame, omitted: dict[str, int]) -> Iterator[Metric]:
         """Per-VM replication families from the view as of scrape time (`_at_scrape_time`)."""
         if self._per_vm == "violating" and "health_state" in frame.columns:
             frame = frame.filter(pl.col("health_state") != "normal")
+        frame = self._worst(frame, "lag_seconds", "rpo_target_seconds", omitted, "replication")
         yield from _gauges(frame, REPLICATION_LABELS, _REPLICATION_GAUGES)
         yield from _gauges(frame, BACKUP_LABELS, (_FAILOVER_TEST,))
         if "health_state" in frame.columns:
@@ -305,12 +314,24 @@ class RpowatchCollector(Collector):
             rows,
         )
 
-    def _backup(self, frame: pl.DataFrame) -> Iterator[Metric]:
+    def _backup(self, frame: pl.DataFrame, omitted: dict[str, int]) -> Iterator[Metric]:
         if self._per_vm == "violating" and {"backup_age_seconds", "backup_rpo_target_seconds"} <= set(frame.columns):
             frame = frame.filter(
                 (pl.col("backup_age_seconds") > pl.col("backup_rpo_target_seconds")).fill_null(False)
             )
+        frame = self._worst(frame, "backup_age_seconds", "backup_rpo_target_seconds", omitted, "backup")
         yield from _gauges(frame, BACKUP_LABELS, _BACKUP_GAUGES)
+
+    def _worst(self, frame: pl.DataFrame, age: str, target: str, omitted: dict[str, int], view: str) -> pl.DataFrame:
+        """`frame`, or its `export_max_vms` rows furthest past their target (`age` ÷ `target`,
+        unknown last) when it has more; how many were left out goes to `omitted[view]`."""
+        if self._max_vms is None or frame.height <= self._max_vms:
+            return frame
+        omitted[view] = frame.height - self._max_vms
+        if not {age, target} <= set(frame.columns):
+            return frame.head(self._max_vms)
+        share = (pl.col(age).cast(pl.Float64) / pl.col(target).cast(pl.Float64)).fill_nan(None)
+        return frame.top_k(self._max_vms, by=share.fill_null(float("-inf")))
 
     def _alerts(self, result: TickResult) -> GaugeMetricFamily:
         family = GaugeMetricFamily(
@@ -470,3 +491,14 @@ def _vm_counts(replication: pl.DataFrame, backup: pl.DataFrame) -> Iterator[Metr
                 overdue.sum().cast(pl.Float64).alias(VALUE)
             )
             yield FrameGauge(name, doc, ["hci_cluster"], counts.sort("hci_cluster"))
+
+
+def _omitted(omitted: dict[str, int]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        "rpowatch_export_omitted_vms",
+        "VMs whose per-VM series this scrape left out to stay within export.max_vms, by view.",
+        labels=["view"],
+    )
+    for view, count in sorted(omitted.items()):
+        family.add_metric([view], count)
+    return family

@@ -235,6 +235,9 @@ class LinkCapacity(_Section):
 
 class Export(_Section):
     per_vm: Literal["all", "violating", "none"] = "all"
+    # At most this many VMs' per-VM series per scrape, the furthest past (or closest to) their
+    # RPO first: `violating` alone does not bound a scrape when a whole site breaches at once.
+    max_vms: int | None = Field(default=None, gt=0)
 
 
 class Ingest(_Section):

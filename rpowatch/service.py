@@ -86,6 +86,7 @@ class Service:
             RpowatchCollector(
                 self.holder,
                 export_per_vm=self.settings.export.per_vm,
+                export_max_vms=self.settings.export.max_vms,
                 # Series that read 0 from the start, rather than appearing on first use.
                 known_alerts=[(r.name, r.spec.severity) for r in self.pack.rules],
                 alertmanager_urls=self.settings.alertmanager.urls,

@@ -56,16 +56,19 @@ def test_every_problem_is_reported_with_file_line_and_field(tmp_path: Path) -> N
         "  - name: p",
         "    replication_rpo_seconds: -5",
         "surprise: 1",
+        "export:",
+        "  max_vms: 0",
     ]) + "\n")
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     lines = [str(p) for p in info.value.problems]
-    assert len(lines) == 5
+    assert len(lines) == 6
     assert any(line.startswith(f"{path}:2: http.port:") for line in lines)
     assert any(line.startswith(f"{path}:4: evaluation.interval:") and "not a duration" in line for line in lines)
     assert any(line.startswith(f"{path}:6: alertmanager.urls") and "http(s)" in line for line in lines)
     assert any(line.startswith(f"{path}:9: policies[0].replication_rpo_seconds:") for line in lines)
     assert any(line.startswith(f"{path}:10: surprise:") for line in lines)
+    assert any(line.startswith(f"{path}:12: export.max_vms:") and "greater than 0" in line for line in lines)
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:

@@ -313,6 +313,37 @@ def test_vm_counts_of_unknown_policies_and_overdue_tests(result: TickResult) -> 
     assert get("rpowatch_cluster_restore_test_overdue_vms", {"hci_cluster": "c1"}) == 1.0
 
 
+@pytest.mark.parametrize(("per_vm", "max_vms"), [("all", 1), ("all", 2), ("violating", 1)])
+def test_max_vms_keeps_the_vms_furthest_past_their_rpo(result: TickResult, per_vm: PerVm, max_vms: int) -> None:
+    holder = SnapshotHolder(Snapshot(result))
+    registry = CollectorRegistry()
+    registry.register(
+        RpowatchCollector(holder, per_vm, clock=lambda: NOW_S + SCRAPE_DELAY_S, export_max_vms=max_vms)
+    )
+    get = registry.get_sample_value
+    # Lag ÷ RPO at the scrape: vm2 710/600, vm3 510/600, vm1 70/600. Backup age ÷ RPO: vm2 two
+    # days of one, vm1 an hour.
+    exported = [vm for vm in ("vm1", "vm2", "vm3") if get("rpowatch_replication_lag_seconds", _rep(vm)) is not None]
+    assert exported == sorted(["vm2", "vm3"][:max_vms])
+    for vm in exported:
+        assert get("rpowatch_replication_health", {**_rep(vm), "state": "normal"}) is not None
+    candidates = 3 if per_vm == "all" else 2  # violating: vm1 is in normal health
+    assert get("rpowatch_export_omitted_vms", {"view": "replication"}) == candidates - len(exported)
+    backups = [vm for vm in ("vm1", "vm2") if get("rpowatch_backup_rpo_target_seconds", {"vm": vm, "hci_cluster": "c1"})]
+    late_only = per_vm == "violating" or max_vms == 1  # vm2 is the one past its backup RPO
+    assert backups == (["vm2"] if late_only else ["vm1", "vm2"])
+    assert get("rpowatch_export_omitted_vms", {"view": "backup"}) == (1 if per_vm == "all" and max_vms == 1 else 0)
+    # The per-instance counts still count every VM.
+    counts = _counts(registry, "rpowatch_cluster_replication_vms", "rpo", ("within", "over", "unknown"))
+    assert counts == {"within": 2, "over": 1, "unknown": 0}
+
+
+def test_omitted_vms_read_zero_without_a_cap(result: TickResult) -> None:
+    get = _scrape(result).get_sample_value
+    assert get("rpowatch_export_omitted_vms", {"view": "replication"}) == 0
+    assert get("rpowatch_export_omitted_vms", {"view": "backup"}) == 0
+
+
 def test_invalid_per_vm_option_is_rejected() -> None:
     with pytest.raises(ValueError):
         RpowatchCollector(SnapshotHolder(), "some")  # type: ignore[arg-type]
@@ -405,6 +436,7 @@ BEYOND_CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "rpowatch_cluster_backup_vms": ("gauge", ("hci_cluster", "rpo")),
     "rpowatch_cluster_failover_test_overdue_vms": ("gauge", ("hci_cluster",)),
     "rpowatch_cluster_restore_test_overdue_vms": ("gauge", ("hci_cluster",)),
+    "rpowatch_export_omitted_vms": ("gauge", ("view",)),
 }
 
 
