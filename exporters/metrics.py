@@ -175,6 +175,8 @@ _TEST_OVERDUE_VMS = (
     ),
 )
 
+OMITTED_WARNING_EVERY_S = 3600.0
+
 # 1 ms .. 1 s is the expected range of one tick; 2.5 s shows ticks that overran a typical
 # evaluation interval instead of hiding them in +Inf.
 EVALUATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -251,6 +253,7 @@ class RpowatchCollector(Collector):
         self._holder = holder
         self._per_vm = export_per_vm
         self._max_vms = export_max_vms
+        self._warned_at: float | None = None  # time.monotonic() of the last warning about the cap
         self._clock = clock
         # (alertname, severity) of every rule: exported as 0 when nothing fires, so a count that
         # drops to zero reads 0 rather than disappearing.
@@ -279,6 +282,7 @@ class RpowatchCollector(Collector):
         if self._per_vm != "none":
             yield from self._replication(replication, omitted)
             yield from self._backup(backup, omitted)
+        self._warn_omitted(omitted)
         yield _omitted(omitted)
         yield from _vm_counts(replication, backup)
         yield from _gauges(views.cluster, CLUSTER_LABELS, _CLUSTER_GAUGES)
@@ -321,6 +325,20 @@ class RpowatchCollector(Collector):
             )
         frame = self._worst(frame, "backup_age_seconds", "backup_rpo_target_seconds", omitted, "backup")
         yield from _gauges(frame, BACKUP_LABELS, _BACKUP_GAUGES)
+
+    def _warn_omitted(self, omitted: dict[str, int]) -> None:
+        """A warning when the cap first leaves VMs out, and then at most once an hour."""
+        if not any(omitted.values()):
+            return
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < OMITTED_WARNING_EVERY_S:
+            return
+        self._warned_at = now
+        logger.warning(
+            "per-VM series of %d replicated and %d backed-up VMs left out of the scrape to stay within "
+            "export.max_vms=%d (the VMs furthest past their RPO are kept; counts per instance cover all)",
+            omitted["replication"], omitted["backup"], self._max_vms,
+        )
 
     def _worst(self, frame: pl.DataFrame, age: str, target: str, omitted: dict[str, int], view: str) -> pl.DataFrame:
         """`frame`, or its `export_max_vms` rows furthest past their target (`age` ÷ `target`,

@@ -116,3 +116,9 @@ def test_run_with_a_bad_config_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert f"{path}:3: sources.kafka.enabled:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_per_vm_series_are_capped_by_default_and_the_cap_can_be_lifted(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "{}\n")).export.max_vms == 100_000
+    assert load_settings(write(tmp_path, "export:\n  max_vms: null\n")).export.max_vms is None
+    assert load_settings(write(tmp_path, "export:\n  max_vms: 5000\n")).export.max_vms == 5000

@@ -338,6 +338,27 @@ def test_max_vms_keeps_the_vms_furthest_past_their_rpo(result: TickResult, per_v
     assert counts == {"within": 2, "over": 1, "unknown": 0}
 
 
+def test_leaving_vms_out_is_logged_once_an_hour_not_at_every_scrape(
+    result: TickResult, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    import exporters.metrics
+
+    clock = [1000.0]
+    monkeypatch.setattr(exporters.metrics.time, "monotonic", lambda: clock[0])
+    holder = SnapshotHolder(Snapshot(result))
+    collector = RpowatchCollector(holder, clock=lambda: NOW_S, export_max_vms=1)
+    with caplog.at_level(logging.WARNING, logger="exporters.metrics"):
+        for _ in range(3):
+            list(collector.collect())
+        clock[0] += 3600
+        list(collector.collect())
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings
+    assert "2 replicated and 1 backed-up VMs left out" in warnings[0] and "export.max_vms=1" in warnings[0]
+
+
 def test_omitted_vms_read_zero_without_a_cap(result: TickResult) -> None:
     get = _scrape(result).get_sample_value
     assert get("rpowatch_export_omitted_vms", {"view": "replication"}) == 0
