@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
@@ -474,41 +475,63 @@ def _standing(value: str, target: str) -> pl.Expr:
     )
 
 
-def _counts(
-    frame: pl.DataFrame, category: pl.Expr, categories: Sequence[str], label: str, spec: tuple[str, str]
-) -> FrameGauge:
-    """How many rows of `frame` each instance has per value of `category` (named `label`), every
-    category exported for every instance, 0 included: a ratio over them must not lose an
-    instance whose VMs are all on one side."""
-    counts = frame.group_by(pl.col("hci_cluster").cast(pl.String).fill_null("")).agg(
-        (category == c).sum().alias(c) for c in categories
+@dataclass(frozen=True)
+class _Count:
+    """A family of per-instance counts: per value of `label` (none: one count), the rows where
+    its condition holds."""
+
+    spec: tuple[str, str]  # name, HELP
+    label: str | None
+    conditions: dict[str, pl.Expr]
+
+
+def _count_families(frame: pl.DataFrame, counts: list[_Count]) -> Iterator[FrameGauge]:
+    """Every count of `counts` per instance of `frame`, in one group-by (each is a pass over a
+    million VMs' instance names at fleet scale). Every value of a label is exported for every
+    instance, 0 included: a ratio over them must not lose an instance whose VMs are all on one
+    side."""
+    if not counts:
+        return
+    columns = {(i, value): f"__{i}_{j}" for i, c in enumerate(counts) for j, value in enumerate(c.conditions)}
+    per_instance = frame.group_by(pl.col("hci_cluster").cast(pl.String).fill_null("")).agg(
+        condition.fill_null(False).sum().cast(pl.Float64).alias(columns[(i, value)])
+        for i, c in enumerate(counts)
+        for value, condition in c.conditions.items()
     )
-    rows = counts.unpivot(index="hci_cluster", variable_name=label, value_name=VALUE).select(
-        "hci_cluster", label, pl.col(VALUE).cast(pl.Float64)
-    )
-    name, doc = spec
-    return FrameGauge(name, doc, ["hci_cluster", label], rows.sort("hci_cluster", label))
+    for i, c in enumerate(counts):
+        name, doc = c.spec
+        if c.label is None:
+            (column,) = (columns[(i, value)] for value in c.conditions)
+            rows = per_instance.select("hci_cluster", pl.col(column).alias(VALUE))
+            yield FrameGauge(name, doc, ["hci_cluster"], rows.sort("hci_cluster"))
+            continue
+        wide = per_instance.select("hci_cluster", *[pl.col(columns[(i, v)]).alias(v) for v in c.conditions])
+        rows = wide.unpivot(index="hci_cluster", variable_name=c.label, value_name=VALUE)
+        yield FrameGauge(name, doc, ["hci_cluster", c.label], rows.sort("hci_cluster", c.label))
 
 
 def _vm_counts(replication: pl.DataFrame, backup: pl.DataFrame) -> Iterator[Metric]:
     """Per-instance counts of VMs by RPO standing, health and overdue tests, at scrape time."""
+    of_replication: list[_Count] = []
+    of_backup: list[_Count] = []
     if {"hci_cluster", "lag_seconds", "rpo_target_seconds"} <= set(replication.columns):
         standing = _standing("lag_seconds", "rpo_target_seconds")
-        yield _counts(replication, standing, RPO_STANDINGS, "rpo", _REPLICATION_VMS)
+        of_replication.append(_Count(_REPLICATION_VMS, "rpo", {s: standing == s for s in RPO_STANDINGS}))
     if {"hci_cluster", "health_state"} <= set(replication.columns):
-        yield _counts(replication, pl.col("health_state"), HEALTH_STATES, "state", _REPLICATION_HEALTH_VMS)
+        health = pl.col("health_state")
+        of_replication.append(_Count(_REPLICATION_HEALTH_VMS, "state", {s: health == s for s in HEALTH_STATES}))
     if {"hci_cluster", "backup_age_seconds", "backup_rpo_target_seconds"} <= set(backup.columns):
         # backup_age_seconds counts from first seen when no backup ever succeeded: such a VM is
         # over its RPO only once that is longer than the RPO, as the BackupRPOBreach rule says.
         standing = _standing("backup_age_seconds", "backup_rpo_target_seconds")
-        yield _counts(backup, standing, RPO_STANDINGS, "rpo", _BACKUP_VMS)
-    for (name, age, max_age, doc), frame in zip(_TEST_OVERDUE_VMS, (replication, backup)):
+        of_backup.append(_Count(_BACKUP_VMS, "rpo", {s: standing == s for s in RPO_STANDINGS}))
+    for (name, age, max_age, doc), counts, frame in zip(
+        _TEST_OVERDUE_VMS, (of_replication, of_backup), (replication, backup)
+    ):
         if {"hci_cluster", age, max_age} <= set(frame.columns):
-            overdue = (pl.col(age) > pl.col(max_age)).fill_null(False)
-            counts = frame.group_by(pl.col("hci_cluster").cast(pl.String).fill_null("")).agg(
-                overdue.sum().cast(pl.Float64).alias(VALUE)
-            )
-            yield FrameGauge(name, doc, ["hci_cluster"], counts.sort("hci_cluster"))
+            counts.append(_Count((name, doc), None, {"overdue": pl.col(age) > pl.col(max_age)}))
+    yield from _count_families(replication, of_replication)
+    yield from _count_families(backup, of_backup)
 
 
 def _omitted(omitted: dict[str, int]) -> GaugeMetricFamily:
