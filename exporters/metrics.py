@@ -15,8 +15,8 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import polars as pl
