@@ -23,7 +23,7 @@ import polars as pl
 
 from rules.lifecycle import bounded_chunks
 from rules.pack import CompiledRule
-from rules.views import ENTITIES, ROW, Views, identity
+from rules.views import ENTITIES, Views, identity
 
 LABEL_SEPARATOR = "\x1f"
 
