@@ -67,6 +67,9 @@ class Figures:
 
     wall: dict[str, list[float]]
     cpu: dict[str, list[float]]
+    # CPU seconds of the work between two ticks (`run_second`: Engine.prepare, then applying
+    # the second's events): what a tick saves by preparing is spent there.
+    between_cpu: dict[str, list[float]]
     phases: dict[str, dict[str, list[float]]]
     ratios: list[float]
 
@@ -87,13 +90,19 @@ def compare(args: argparse.Namespace, tmp: Path) -> Figures:
     fields = {f.name: getattr(fleet, f.name) for f in dataclasses.fields(baseline_state.FleetState)}
     engines["baseline"].fleet = baseline_state.FleetState(**fields)
 
-    figures = Figures({name: [] for name in engines}, {name: [] for name in engines}, {name: {} for name in engines}, [])
+    figures = Figures(
+        {name: [] for name in engines}, {name: [] for name in engines}, {name: [] for name in engines},
+        {name: {} for name in engines}, [],
+    )
     now_ms = bench_tick.NOW0_MS
     for n in range(args.warmup + args.ticks):
         now_ms += bench_tick.TICK_STEP_MS
         events = bench_tick.due_cycles(engines["current"].fleet, now_ms)
-        for engine in engines.values():
+        for name, engine in engines.items():
+            started_cpu = time.process_time()
             bench_tick.run_second(engine, now_ms, events)
+            if n >= args.warmup:
+                figures.between_cpu[name].append(time.process_time() - started_cpu)
         took: dict[str, float] = {}
         for name in ["baseline", "current"] if n % 2 else ["current", "baseline"]:
             started, started_cpu = time.perf_counter(), time.process_time()
@@ -125,6 +134,16 @@ def print_report(args: argparse.Namespace, f: Figures) -> None:
     print(
         f"| process CPU ms per tick | {median_ms(f.cpu['baseline']):.1f} | {median_ms(f.cpu['current']):.1f} "
         f"| {sum(f.cpu['current']) / sum(f.cpu['baseline']):.3f} (totals) |"
+    )
+    print(
+        f"| process CPU ms between ticks (prepare, apply) | {median_ms(f.between_cpu['baseline']):.1f} "
+        f"| {median_ms(f.between_cpu['current']):.1f} "
+        f"| {sum(f.between_cpu['current']) / sum(f.between_cpu['baseline']):.3f} (totals) |"
+    )
+    whole = {name: sum(f.cpu[name]) + sum(f.between_cpu[name]) for name in ("baseline", "current")}
+    print(
+        f"| process CPU ms per second (tick and between) | {whole['baseline'] * 1000 / len(f.cpu['baseline']):.1f} "
+        f"| {whole['current'] * 1000 / len(f.cpu['current']):.1f} | {whole['current'] / whole['baseline']:.3f} (totals) |"
     )
     for phase, seconds in f.phases["current"].items():
         if phase in f.phases["baseline"]:

@@ -321,12 +321,14 @@ class Service:
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.settings.evaluation.interval
+        interval_ms = int(interval * 1000)
         next_at = loop.time()
+        instant_ms: int | None = None
         while True:
-            now_ms = int(self.clock() * 1000)
-            health = source_health_frame(self._health, {s.name: s.up for s in self.sources}, now_ms)
+            instant_ms = evaluation_instant(instant_ms, int(self.clock() * 1000), interval_ms)
+            health = source_health_frame(self._health, {s.name: s.up for s in self.sources}, instant_ms)
             result = await loop.run_in_executor(
-                self._executor, functools.partial(self.engine.tick, now_ms, sources=health)
+                self._executor, functools.partial(self.engine.tick, instant_ms, sources=health)
             )
             self._evaluation.observe(result.duration_s)
             for source in self.sources:
@@ -342,12 +344,28 @@ class Service:
                 # A slow Alertmanager must not delay evaluation; the sender works from the
                 # latest state, so a skipped tick is caught up by the next send.
                 self._send_task = asyncio.create_task(self._sender.send(result), name="alertmanager-send")
-            # The idle time before the next tick does what that tick would otherwise pay for.
+            # The idle time before the next tick does what that tick would otherwise pay for,
+            # for the instant it will evaluate if it keeps to the schedule.
+            clock_ms = int(self.clock() * 1000)
             await loop.run_in_executor(
-                self._executor, self.engine.prepare, int(self.clock() * 1000), int(interval * 1000)
+                self._executor, self.engine.prepare, clock_ms, instant_ms + interval_ms - clock_ms
             )
             next_at = next_tick_at(next_at, loop.time(), interval)
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+
+def evaluation_instant(previous_ms: int | None, clock_ms: int, interval_ms: int) -> int:
+    """The instant a tick evaluates the rules at: its predecessor's plus one interval while the
+    ticks keep to their schedule, as Prometheus evaluates a rule group at the instants of its
+    schedule rather than whenever the evaluation happens to start. So the next tick's instant
+    is known in advance and the idle time before it can evaluate what depends only on the
+    instant and the state (Engine.prepare). The clock's time when the two are more than half
+    an interval apart: after a stall, skipped ticks or a step of the clock."""
+    if previous_ms is not None:
+        following = previous_ms + interval_ms
+        if abs(clock_ms - following) * 2 <= interval_ms:
+            return following
+    return clock_ms
 
 
 def next_tick_at(scheduled_at: float, now: float, interval: float) -> float:

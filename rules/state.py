@@ -371,15 +371,38 @@ def apply_replication(
     No join: each event is given the position of its VM's row (`_locate`), the batch is reduced
     to one row per VM carrying that position, and the previous values of those rows are
     gathered by it, row for row with the reduced batch (null rows for new VMs)."""
+    return write_replication(table, events, policies, window)[0]
+
+
+def write_replication(
+    table: pl.DataFrame,
+    events: pl.DataFrame,
+    policies: tuple[Policy, ...] = (DEFAULT_POLICY,),
+    window: WindowCounters = WindowCounters(3_600_000),
+) -> tuple[pl.DataFrame, pl.Series]:
+    """`apply_replication`, and the positions of the rows the batch wrote (the engine
+    re-evaluates those rows of conditions it evaluated ahead of a tick)."""
     if events.is_empty():
-        return table
+        return table, _no_rows()
     position = _locate(table, events)
     located = events.with_columns(
         position.alias(_POS), table.get_column("window_bucket").gather(position).alias("prev_bucket")
     )
     old, joined = _beside(table, _reduce_replication(located, window))
     merged = _relabel(_merge_replication(joined), policies)
-    return _write_rows(table, old, merged)
+    written = _write_rows(table, old, merged)
+    return written, _rows_written(merged, table.height, written.height)
+
+
+def _no_rows() -> pl.Series:
+    return pl.Series(_POS, [], dtype=pl.UInt32)
+
+
+def _rows_written(merged: pl.DataFrame, before: int, after: int) -> pl.Series:
+    """The positions of the rows a batch merged (whether or not a value changed) and of those
+    it appended."""
+    updated = merged.get_column(_POS).drop_nulls().cast(pl.UInt32)
+    return pl.concat([updated, pl.int_range(before, after, dtype=pl.UInt32, eager=True).alias(_POS)])
 
 
 def _beside(table: pl.DataFrame, reduced: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -669,8 +692,15 @@ def apply_backup(
 ) -> pl.DataFrame:
     """The table after applying a batch: as `apply_replication`, only the batch's VMs are merged
     and the other rows stay as they are, in place."""
+    return write_backup(table, events, policies)[0]
+
+
+def write_backup(
+    table: pl.DataFrame, events: pl.DataFrame, policies: tuple[Policy, ...] = (DEFAULT_POLICY,)
+) -> tuple[pl.DataFrame, pl.Series]:
+    """`apply_backup`, and the positions of the rows the batch wrote."""
     if events.is_empty():
-        return table
+        return table, _no_rows()
     kind = pl.col("kind").cast(pl.String)
     tier = pl.col("retention_tier").cast(pl.String)
     success = kind.is_in(["succeeded", "warning"])
@@ -742,7 +772,9 @@ def apply_backup(
             for t in TIERS
         ],
     )
-    return _write_back(table, touched, merged.select(*BACKUP_SCHEMA.names(), _POS))
+    merged = merged.select(*BACKUP_SCHEMA.names(), _POS)
+    written = _write_back(table, touched, merged)
+    return written, _rows_written(merged, table.height, written.height)
 
 
 def _failures_after_last_success(frame: pl.DataFrame) -> pl.DataFrame:

@@ -86,13 +86,19 @@ class ViewParams:
     link_capacity_bytes_per_s: tuple[tuple[str, str, float], ...] = ()
 
 
-def _numbered(frame: pl.DataFrame, rows: pl.Series | None) -> pl.LazyFrame:
+def _numbered(frame: pl.DataFrame, rows: pl.Series | None, reads: list[pl.Expr] | None = None) -> pl.LazyFrame:
     """`frame` with its row numbers (`ROW`); only the rows numbered `rows` if given, taken by
-    position (a few rows out of a million: no pass over the others)."""
+    position (a few rows out of a million: no pass over the others), and of those only the
+    columns `reads` (expressions over the frame, if given) read."""
     if rows is None:
         return frame.lazy().with_row_index(ROW)
     positions = rows.cast(pl.UInt32).alias(ROW)
-    # Taken eagerly, every column: measured 6× cheaper than a gather inside the query.
+    if reads is not None:
+        # Taking a column costs per row, most for strings: ~7 ms for every column of 15,000
+        # VMs, which a tick evaluating only the rows written since it was prepared would pay.
+        read = {name for expr in reads for name in expr.meta.root_names()}
+        frame = frame.select([name for name in frame.columns if name in read])
+    # Taken eagerly: measured 6× cheaper than a gather inside the query.
     return frame[positions].lazy().with_columns(positions)
 
 
@@ -196,7 +202,12 @@ def _replication_base(
         "expected_cycles": lambda: expected().alias("expected_cycles"),
         "resync_needed": lambda: resync_needed().alias("resync_needed"),
     }
-    return _numbered(state.replication, rows).select(_selected(columns, wanted))
+    selected = _selected(columns, wanted)
+    return _numbered(state.replication, rows, selected).select(selected)
+
+
+# What `vm_replication` reads of its link: the prediction needs the first two.
+_LINK_FIGURES = ("needed_bytes_per_s", "capacity_bytes_per_s", "saturation_ratio")
 
 
 def _link_columns(
@@ -206,10 +217,8 @@ def _link_columns(
     from a table of a few thousand links instead of a join over every VM. The saturation only
     if the query reads it (the prediction needs the other two). With a `memo`, the last gather
     is reused while the links' figures and the VMs' link rows are those it was made from."""
-    wanted = ["needed_bytes_per_s", "capacity_bytes_per_s"]
     saturation = columns is None or "link_saturation_ratio" in columns
-    if saturation:
-        wanted.append("saturation_ratio")
+    wanted = list(_LINK_FIGURES if saturation else _LINK_FIGURES[:2])
     values = links.select(wanted)
     if memo is not None:
         return memo.gathered(values, link_rows).lazy()
@@ -364,7 +373,8 @@ def _backup(
         **{f"{t}_points": _column(f"{t}_points") for t in TIERS},
         "retention_compliant": lambda: retention_compliant().alias("retention_compliant"),
     }
-    return _numbered(state.backup, rows).select(_selected(columns, wanted))
+    selected = _selected(columns, wanted)
+    return _numbered(state.backup, rows, selected).select(selected)
 
 
 def source_views(
@@ -837,7 +847,7 @@ def identity(entity: str) -> pl.Expr:
     """The hash of an entity's identity labels, over its view (`lazy`). The per-VM views carry
     it (`IDENTITY`, kept in the state per row): a tick finding 200,000 VMs out of policy hashes
     no strings. The other views are small and hash their label columns."""
-    if entity in _PER_VM:
+    if entity in PER_VM:
         return pl.col(IDENTITY)
     return identity_hash([pl.col(c) for c in ENTITIES[entity].labels])
 
@@ -849,7 +859,7 @@ _PREDICTION_READS = frozenset(
 )
 # Columns of `vm_replication` that need the VM's link (a join); queries that use none skip it.
 NEEDS_LINK = frozenset({"time_to_breach_seconds", "next_transfer_seconds", "link_saturation_ratio", "health_state"})
-_PER_VM = ("vm_replication", "vm_backup")
+PER_VM = ("vm_replication", "vm_backup")
 _SOURCE_VIEWS = ("source", "source_stream", "source_partition")
 
 
@@ -895,10 +905,10 @@ class Views:
         # the history writer): the query reads only the columns and rows asked for, where the
         # frame would be gathered whole and its labels hashed. Frames given to `replace` win.
         given = self._frames.get(entity) if entity in self._given else None
-        if given is not None or entity not in _PER_VM:
+        if given is not None or entity not in PER_VM:
             frame = given if given is not None else self.of(entity)
             numbered = _numbered(frame, rows)
-            if entity in _PER_VM and IDENTITY not in frame.columns:
+            if entity in PER_VM and IDENTITY not in frame.columns:
                 # A given view has no stored hash: its labels are hashed, for the rows asked.
                 return numbered.with_columns(identity_hash([pl.col(c) for c in ENTITIES[entity].labels]).alias(IDENTITY))
             return numbered
@@ -913,6 +923,14 @@ class Views:
             link_rows = link_rows.gather(rows)
         memo = self._aggregates.gather_memo if rows is None else None  # a few rows: gathered as asked
         return _with_prediction(base, _link_columns(self.of("link"), link_rows, columns, memo), self._params)
+
+    @property
+    def aggregates(self) -> Aggregates:
+        return self._aggregates
+
+    def link_figures(self) -> pl.DataFrame:
+        """The link columns `vm_replication` takes from each VM's link (`_link_columns`)."""
+        return self.of("link").select(_LINK_FIGURES)
 
     def _link_rows(self) -> pl.Series:
         rows = self._link_row_cache
@@ -932,7 +950,7 @@ class Views:
 
     def _build(self, entity: str) -> pl.DataFrame:
         params, now_ms = self._params, self.now_ms
-        if entity in _PER_VM:
+        if entity in PER_VM:
             return self.lazy(entity).drop(ROW, IDENTITY).collect(engine="streaming")
         if entity in _SOURCE_VIEWS:
             # The three come from one frame: built together, kept together.

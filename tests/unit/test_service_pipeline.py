@@ -15,7 +15,7 @@ from ingest.deadletter import MemoryDeadLetterSink
 from ingest.source import Batch
 from rpowatch.config import Settings
 from rpowatch.loading import load_rule_packs
-from rpowatch.service import Service, next_tick_at
+from rpowatch.service import Service, evaluation_instant, next_tick_at
 from rules.engine import TickResult, empty_result
 
 
@@ -165,6 +165,15 @@ def test_the_next_tick_keeps_the_schedule_or_starts_at_once_when_late() -> None:
     assert next_tick_at(10.0, 40.0, 1.0) == 40.0  # a 30 s stall: one tick now, not thirty
 
 
+def test_ticks_evaluate_at_the_instants_of_their_schedule_until_the_clock_drifts_away() -> None:
+    assert evaluation_instant(None, 10_007, 1_000) == 10_007  # the first: the clock's
+    assert evaluation_instant(10_007, 11_012, 1_000) == 11_007  # on schedule: one interval on
+    assert evaluation_instant(10_007, 10_998, 1_000) == 11_007  # a little early too
+    assert evaluation_instant(10_007, 11_600, 1_000) == 11_600  # overran: the clock's
+    assert evaluation_instant(10_007, 40_000, 1_000) == 40_000  # a stall
+    assert evaluation_instant(10_007, 5_000, 1_000) == 5_000  # the clock stepped back
+
+
 class StallingEngine:
     """Ticks instantly, except the first, which takes `stall_s`; records when each started."""
 
@@ -182,20 +191,55 @@ class StallingEngine:
         return False
 
 
-async def test_ticks_missed_during_a_stall_are_skipped_not_run_back_to_back() -> None:
-    interval = 0.05
+class RecordingEngine:
+    """Records the instant of each tick and the instant each prepare is for."""
+
+    def __init__(self) -> None:
+        self.ticks: list[int] = []
+        self.prepared: list[int] = []
+
+    def tick(self, now_ms: int, sources: object = None) -> TickResult:
+        self.ticks.append(now_ms)
+        return empty_result()
+
+    def prepare(self, now_ms: int, next_tick_in_ms: int) -> bool:
+        self.prepared.append(now_ms + next_tick_in_ms)
+        return False
+
+
+async def run_tick_loop(engine: object, interval: float, seconds: float) -> None:
+    """The service's tick loop over `engine` for `seconds`."""
     settings = Settings(http={"port": 0}, evaluation={"interval": interval})
     svc = Service(settings, load_rule_packs(settings), [], MemoryDeadLetterSink())
-    engine = StallingEngine(stall_s=0.6)  # twelve intervals
     svc.engine = engine  # type: ignore[assignment]
     loop_task = asyncio.create_task(svc._tick_loop())
     try:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(seconds)
     finally:
         loop_task.cancel()
         await asyncio.gather(loop_task, return_exceptions=True)
         svc._executor.shutdown()
         svc._decoder.shutdown()
+
+
+async def test_each_tick_is_prepared_for_the_instant_it_evaluates() -> None:
+    engine = RecordingEngine()
+    await run_tick_loop(engine, interval=0.05, seconds=0.6)
+    ticks = engine.ticks
+    assert len(ticks) >= 5, ticks
+    on_schedule = [b - a == 50 for a, b in zip(ticks, ticks[1:])]
+    # Exactly one interval apart, whatever the event loop's delays, unless it fell half an
+    # interval behind (then the clock's instant, which nothing was prepared for).
+    assert sum(on_schedule) >= len(on_schedule) / 2, ticks
+    for k, kept in enumerate(on_schedule):
+        if kept:
+            assert engine.prepared[k] == ticks[k + 1]
+
+
+async def test_ticks_missed_during_a_stall_are_skipped_not_run_back_to_back() -> None:
+    interval = 0.05
+    engine = StallingEngine(stall_s=0.6)  # twelve intervals
+    await run_tick_loop(engine, interval, seconds=1.0)
     after_stall = engine.started[1:]
     assert len(after_stall) >= 4, engine.started
     gaps = [b - a for a, b in zip(after_stall, after_stall[1:])]
