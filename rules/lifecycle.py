@@ -84,11 +84,13 @@ def advance(
     now_ms: int,
     rule_timing: pl.DataFrame,
     resolved_retention_ms: int,
+    is_active: pl.Series | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """One tick. `alerts` is the previous table (ALERT_SCHEMA), `active` what is true now
     (ACTIVE_SCHEMA), `new` the active alerts not in `alerts` with their identity (NEW_SCHEMA),
     `rule_timing` (TIMING_SCHEMA) every rule (an inactive alert needs its rule's
-    keep_firing_for).
+    keep_firing_for). `is_active`, if given, says per row of `alerts` whether it is in
+    `active` (the engine may know without a membership test).
 
     Returns the new table (ALERT_SCHEMA) and the transitions of this tick: `alert_id`,
     `transition` ("fired" | "resolved"), `at_ms`.
@@ -101,20 +103,23 @@ def advance(
         *[pl.col(c) if c in NEW_SCHEMA else pl.lit(None, dtype=t).alias(c) for c, t in ALERT_SCHEMA.items()],
         pl.lit(True).alias("is_active"),
     )
-    known = alerts.with_columns(pl.col("alert_id").is_in(active.get_column("alert_id").implode()).alias("is_active"))
+    true_now = (
+        pl.col("alert_id").is_in(active.get_column("alert_id").implode()) if is_active is None else pl.lit(is_active)
+    )
+    known = alerts.with_columns(true_now.alias("is_active"))
     for_ms, keep_ms = _per_rule(rule_timing, alerts, new)
 
-    is_active = pl.col("is_active")
+    holds = pl.col("is_active")
     was = pl.col("state")
     # A resolved alert that becomes true again starts a new occurrence, like a fresh one.
     fresh = was.is_null() | (was == RESOLVED)
-    active_at = pl.when(is_active & fresh).then(now).otherwise(pl.col("active_at_ms"))
-    last_true = pl.when(is_active).then(now).otherwise(pl.col("last_true_ms"))
+    active_at = pl.when(holds & fresh).then(now).otherwise(pl.col("active_at_ms"))
+    last_true = pl.when(holds).then(now).otherwise(pl.col("last_true_ms"))
 
     firing, pending, resolved = (pl.lit(v, dtype=STATE) for v in (FIRING, PENDING, RESOLVED))
     forgotten = pl.lit(None, dtype=STATE)
     state = (
-        pl.when(is_active)
+        pl.when(holds)
         .then(pl.when(was == FIRING).then(firing).when(now - active_at >= for_ms).then(firing).otherwise(pending))
         .when(was == PENDING)
         .then(forgotten)  # pending and false again: forgotten

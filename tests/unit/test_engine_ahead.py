@@ -18,7 +18,7 @@ import rules.engine
 from bench.tick import NOW0_MS, build_state, load_engine, replication_batch
 from ingest.contracts import Stream
 from ingest.decode import decode_batch
-from rules.engine import Engine, TickResult
+from rules.engine import Engine, TickResult, _Matched, _where
 
 TICK_MS = 1_000
 VMS = 2_000
@@ -113,9 +113,19 @@ def run(between: Between | None = None, seconds: int = 6, at: Callable[[int], in
 
 
 def test_only_the_rows_written_since_are_evaluated_and_the_alerts_are_those_of_a_full_evaluation(
-    restricted: list[tuple[str, int, int]],
+    restricted: list[tuple[str, int, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    matched: list[int] = []
+    real = _Matched.resolve
+
+    def counted(self: _Matched) -> tuple[pl.Series, pl.DataFrame]:
+        matched.append(self.fresh.height)
+        return real(self)
+
+    monkeypatch.setattr(_Matched, "resolve", counted)
     results = run()
+    # Each tick matched its true rows with its alerts from what prepare matched.
+    assert len(matched) == len(results)
     # Each tick evaluated the rows its second's traffic wrote, per per-VM table (all of its
     # rules in one query): a few hundred of 2,000 rows each.
     assert [entity for entity, _, _ in restricted] == ["vm_replication", "vm_backup"] * len(results)
@@ -200,3 +210,13 @@ def test_link_figures_that_changed_after_prepare_reevaluate_the_linked_rules(
     assert len(rules) == 6 and rules[2] == rules[0] - 1 and len(set(rules)) == 2, rules
     at_risk = [r.alerts.filter(pl.col("alertname") == "ReplicationRPOAtRisk").height for r in results]
     assert at_risk[2] > at_risk[1], "a squeezed link should put more VMs at risk"
+
+
+def test_alerts_are_not_matched_ahead_when_two_rows_found_the_same_id() -> None:
+    """A hash collision between two true rows: the tick falls back to membership tests."""
+    alerts = pl.DataFrame({"alert_id": [1, 2, 3]}, schema={"alert_id": pl.UInt64})
+    part = pl.DataFrame({"alert_id": [2, 9], "rule": [0, 0], "row": [5, 6]},
+                        schema={"alert_id": pl.UInt64, "rule": pl.UInt16, "row": pl.UInt32})
+    where = _where(alerts, {0: part})
+    assert where is not None and where.rows() == [(None, None), (0, 5), (None, None)]
+    assert _where(alerts, {0: part, 1: part.head(1)}) is None

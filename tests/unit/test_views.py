@@ -373,7 +373,7 @@ def test_rendering_many_alerts_at_once_equals_rendering_each_alone() -> None:
     engine.fleet = build_state(2_000, 100)
     result = engine.tick(NOW0_MS + 7_200_000)
     views, describer = result.views, engine._describer
-    active = engine._active(views, [])
+    active, _ = engine._active(views, [])
     rules = active.get_column("rule").unique()
     assert rules.len() >= 6  # several rules of several entities
     rows = active.group_by("rule").head(7).sample(fraction=1.0, shuffle=True, seed=4)
@@ -395,7 +395,7 @@ def test_labels_rebuilt_from_the_alert_key_equal_labels_rendered_from_the_views(
     engine.fleet = build_state(2_000, 100)
     result = engine.tick(NOW0_MS + 7_200_000)
     views, describer = result.views, engine._describer
-    active = engine._active(views, [])
+    active, _ = engine._active(views, [])
     assert active.get_column("rule").n_unique() >= 6
 
     def from_views(index: int, part: pl.DataFrame) -> pl.DataFrame:
