@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
@@ -27,12 +27,16 @@ from rules.views import (
     PER_VM,
     ROW,
     Aggregates,
+    LateRows,
     ViewParams,
     Views,
     build_views,
     empty_views,
     identity,
+    late_rows,
+    late_rows_since,
     summarise,
+    written_mask,
 )
 
 
@@ -155,6 +159,7 @@ class _Ahead:
     parts: dict[int, pl.DataFrame]
     alerts: pl.DataFrame
     where: pl.DataFrame | None  # None: not matched (an alert id found twice)
+    late: LateRows | None  # views.late_rows at `now_ms` (None: no rule reads the `vm` view)
 
 
 @dataclass(frozen=True)
@@ -204,13 +209,6 @@ class _Journal:
 
 def _per_vm_table(fleet: state.FleetState, entity: str) -> pl.DataFrame:
     return fleet.replication if entity == "vm_replication" else fleet.backup
-
-
-def _mask(height: int, rows: pl.Series) -> pl.Series | None:
-    """A flag per row of a table of `height` rows: whether it is one of `rows` (None: none is)."""
-    if rows.is_empty():
-        return None
-    return pl.repeat(False, height, eager=True).scatter(rows, True)
 
 
 def _where(alerts: pl.DataFrame, parts: dict[int, pl.DataFrame]) -> pl.DataFrame | None:
@@ -359,7 +357,9 @@ class Engine:
         clock = _PhaseClock()
         with self._lock:
             self._sources = sources
-            views = build_views(self.fleet, now_ms, self._params, sources, self._aggregates_at(now_ms))
+            views = build_views(
+                self.fleet, now_ms, self._params, sources, self._aggregates_at(now_ms), self._late_rows(now_ms)
+            )
             clock.lap("aggregates")
             held = sorted(self.held)
             active, matched = self._active(views, held)
@@ -454,10 +454,11 @@ class Engine:
             for i, frame in zip(ahead, found)
         }
         where = _where(alerts, parts)
+        late = late_rows(fleet, at_ms) if "vm" in self._by_entity else None
         with self._lock:
             if self._generation != generation or self._journals is not journals:
                 return
-            self._ahead = _Ahead(at_ms, held, generation, aggregates, links, parts, alerts, where)
+            self._ahead = _Ahead(at_ms, held, generation, aggregates, links, parts, alerts, where, late)
 
     def _aggregates_at(self, now_ms: int) -> Aggregates:
         """The link and service-group sums, recomputed when due (`_refresh_due`)."""
@@ -527,7 +528,7 @@ class Engine:
         if not kept:
             return fresh, None
         ahead = cast(_Ahead, self._ahead)
-        masks = {entity: _mask(_per_vm_table(self.fleet, entity).height, rows) for entity, rows in written.items()}
+        masks = {entity: written_mask(_per_vm_table(self.fleet, entity).height, rows) for entity, rows in written.items()}
         unwritten = []
         for i in kept:
             frame, mask = ahead.parts[i], masks[queries[i].entity]
@@ -587,6 +588,22 @@ class Engine:
                     continue
             kept[i] = written
         return kept
+
+    def _late_rows(self, now_ms: int) -> Callable[[], LateRows] | None:
+        """How the `vm` view of a tick at `now_ms` finds the rows out of policy from those
+        `prepare` found (views.late_rows_since: two passes over every VM saved), if it can."""
+        ahead, fleet = self._ahead, self.fleet
+        if ahead is None or ahead.late is None or ahead.now_ms != now_ms or ahead.generation != self._generation:
+            return None
+        written = []
+        for entity in PER_VM:
+            journal = self._journals.get(entity)
+            rows = journal.written(_per_vm_table(fleet, entity)) if journal is not None else None
+            if rows is None:
+                return None
+            written.append(rows)
+        earlier = ahead.late
+        return lambda: late_rows_since(earlier, fleet, now_ms, (written[0], written[1]))
 
     def _rule_queries(self, views: Views) -> list[_RuleQuery]:
         """The queries of a tick (made once: a rule's reads may need a view's schema)."""

@@ -782,23 +782,54 @@ def _links(aggregates: Aggregates, clusters: pl.DataFrame, params: ViewParams) -
     )
 
 
-def _vm(state: FleetState, now_ms: int, aggregates: Aggregates) -> pl.DataFrame:
-    """VMs with at least one kind of protection out of policy (the others are protected and
-    cannot raise a VM-level alert), with both kinds side by side. Found from the few rows out
-    of policy, each paired with the other table's row of the same VM through the pairing kept
-    with the aggregates, never by joining or scanning whole tables."""
-    replication, backup = state.replication, state.backup
+LateRows = tuple[pl.Series, pl.Series]  # rows of the replication and of the backup table
+
+
+def late_rows(state: FleetState, now_ms: int, among: LateRows | None = None) -> LateRows:
+    """The rows of the replication and backup tables out of policy at `now_ms` (a recovery
+    point older than the RPO; without one, first seen longer ago than that), in ascending
+    order; only those among the rows numbered `among` (per table), if given."""
     replica_late = pl.coalesce("last_recovery_point_ms", "first_seen_ms") < now_ms - pl.col("rpo_target_s") * 1000
     backup_late = pl.coalesce("last_success_ms", "first_seen_ms") < now_ms - pl.col("backup_rpo_s") * 1000
-    late_replicas, late_backups = (
-        frame.get_column("row")
-        for frame in pl.collect_all(
-            [
-                table.lazy().select(pl.arg_where(late.fill_null(False)).cast(pl.UInt32).alias("row"))
-                for table, late in ((replication, replica_late), (backup, backup_late))
-            ]
-        )
-    )
+    queries = []
+    for k, (table, late) in enumerate(((state.replication, replica_late), (state.backup, backup_late))):
+        if among is None:
+            queries.append(table.lazy().select(pl.arg_where(late.fill_null(False)).cast(pl.UInt32).alias("row")))
+        else:
+            rows = among[k].cast(pl.UInt32).sort()
+            taken = table.select(late.meta.root_names())[rows].with_columns(rows.alias("row"))
+            queries.append(taken.lazy().filter(late.fill_null(False)).select("row"))
+    replicas, backups = (frame.get_column("row") for frame in pl.collect_all(queries))
+    return replicas, backups
+
+
+def late_rows_since(earlier: LateRows, state: FleetState, now_ms: int, written: LateRows) -> LateRows:
+    """`late_rows(state, now_ms)` from `earlier`, the late rows at `now_ms` of an earlier
+    version of `state` that differs from it only in the rows `written` (per table) since:
+    those are evaluated again, the others are taken as they were."""
+    fresh = late_rows(state, now_ms, written)
+    out = []
+    for before, rows, found, height in zip(earlier, written, fresh, (state.replication.height, state.backup.height)):
+        mask = written_mask(height, rows)
+        out.append(before if mask is None else pl.concat([before.filter(~mask.gather(before)), found]).sort())
+    return out[0], out[1]
+
+
+def written_mask(height: int, rows: pl.Series) -> pl.Series | None:
+    """A flag per row of a table of `height` rows: whether it is one of `rows` (None: none is)."""
+    if rows.is_empty():
+        return None
+    return pl.repeat(False, height, eager=True).scatter(rows, True)
+
+
+def _vm(state: FleetState, now_ms: int, aggregates: Aggregates, late: LateRows | None = None) -> pl.DataFrame:
+    """VMs with at least one kind of protection out of policy (the others are protected and
+    cannot raise a VM-level alert), with both kinds side by side. Found from the few rows out
+    of policy (`late`: `late_rows`, computed if not given), each paired with the other
+    table's row of the same VM through the pairing kept with the aggregates, never by joining
+    or scanning whole tables."""
+    replication, backup = state.replication, state.backup
+    late_replicas, late_backups = late if late is not None else late_rows(state, now_ms)
     # Rows whose policy is unknown (a null RPO) are neither late nor within it. Usually none:
     # a null count is known without a pass.
     unknown_replicas, unknown_backups = (
@@ -816,10 +847,10 @@ def _vm(state: FleetState, now_ms: int, aggregates: Aggregates) -> pl.DataFrame:
     r = pl.concat([late_replicas, replica_of_late.filter(only_backup_late)])
     b = pl.concat([backup_of_late, late_backups.filter(only_backup_late)])
     first = late_replicas.len()
-    late = pl.int_range(r.len(), dtype=pl.UInt32, eager=True) < first  # the first: replica late
+    replica_is_late = pl.int_range(r.len(), dtype=pl.UInt32, eager=True) < first  # the first ones
     # A partner found for a late backup is not late itself (else the VM is among the first).
-    replica_within = ~late & r.is_not_null() & ~_among(r, unknown_replicas)
-    backup_within = late & b.is_not_null() & ~_among(b, pl.concat([late_backups, unknown_backups]))
+    replica_within = ~replica_is_late & r.is_not_null() & ~_among(r, unknown_replicas)
+    backup_within = replica_is_late & b.is_not_null() & ~_among(b, pl.concat([late_backups, unknown_backups]))
     # Only the labels are gathered, at the few rows (a null row gives nulls).
     replica = replication.select(pl.col("vm_id", "cluster_id").gather(r))
     backups = backup.select(pl.col("vm_id", "cluster_id").gather(b))
@@ -880,8 +911,10 @@ class Views:
         aggregates: Aggregates,
         sources: pl.DataFrame,
         frames: dict[str, pl.DataFrame] | None = None,
+        late: Callable[[], LateRows] | None = None,
     ) -> None:
         self.now_ms = now_ms
+        self._late = late  # the rows out of policy (`late_rows`), if known another way
         self._state = state
         self._params = params
         self._aggregates = aggregates
@@ -971,7 +1004,7 @@ class Views:
         if entity == "storage_path":
             return storage_path_view(self._state, now_ms, self._aggregates)
         if entity == "vm":
-            return _vm(self._state, now_ms, self._aggregates)
+            return _vm(self._state, now_ms, self._aggregates, self._late() if self._late is not None else None)
         raise KeyError(entity)
 
     def replace(self, now_ms: int | None = None, **frames: pl.DataFrame) -> Views:
@@ -1041,15 +1074,18 @@ def build_views(
     params: ViewParams,
     sources: pl.DataFrame | None = None,
     aggregates: Aggregates | None = None,
+    late: Callable[[], LateRows] | None = None,
 ) -> Views:
     """The views of `state` at `now_ms`. `aggregates` of an earlier state may be passed to
-    reuse them (see `Aggregates`); by default they are computed from this state."""
+    reuse them (see `Aggregates`); by default they are computed from this state. `late` gives
+    `late_rows(state, now_ms)` when the caller can find them cheaper."""
     return Views(
         now_ms,
         state,
         params,
         aggregates if aggregates is not None else summarise(state, now_ms),
         sources if sources is not None else pl.DataFrame(schema=SOURCES_SCHEMA),
+        late=late,
     )
 
 

@@ -86,6 +86,8 @@ def traffic(engine: Engine, now_ms: int, second: int) -> None:
 def assert_same(got: TickResult, want: TickResult) -> None:
     assert_frame_equal(got.alerts.sort("alert_id"), want.alerts.sort("alert_id"))
     assert_frame_equal(got.changes.sort("alert_id"), want.changes.sort("alert_id"))
+    # The VMs out of policy, found from those prepare found: the same view, row for row.
+    assert_frame_equal(got.views.vm, want.views.vm)
 
 
 Between = Callable[[Engine, int], None]
@@ -123,9 +125,19 @@ def test_only_the_rows_written_since_are_evaluated_and_the_alerts_are_those_of_a
         return real(self)
 
     monkeypatch.setattr(_Matched, "resolve", counted)
+    since: list[int] = []
+    real_since = rules.engine.late_rows_since
+
+    def counted_since(*args: Any) -> Any:
+        since.append(1)
+        return real_since(*args)
+
+    monkeypatch.setattr(rules.engine, "late_rows_since", counted_since)
     results = run()
-    # Each tick matched its true rows with its alerts from what prepare matched.
-    assert len(matched) == len(results)
+    # Each tick matched its true rows with its alerts, and found the VMs out of policy, from
+    # what prepare found.
+    assert len(matched) == len(since) == len(results)
+    assert min(r.views.vm.height for r in results) > 20
     # Each tick evaluated the rows its second's traffic wrote, per per-VM table (all of its
     # rules in one query): a few hundred of 2,000 rows each.
     assert [entity for entity, _, _ in restricted] == ["vm_replication", "vm_backup"] * len(results)
