@@ -224,6 +224,9 @@ class Details:
     # ANNOTATION_SCHEMA, append-only: annotations as of the last tick alerts were true (newest
     # row wins); read for alerts not true now.
     stored: pl.DataFrame
+    # Alerts this tick ended whose annotations are not in `stored` yet: the previous tick's
+    # views and their rows there (lifecycle.ACTIVE_SCHEMA); rendered when read.
+    ended: tuple[Views, pl.DataFrame] | None = None
 
     def of(self, ids: pl.Series) -> pl.DataFrame:
         """DETAIL_SCHEMA for these alert ids (null where unknown)."""
@@ -237,7 +240,13 @@ class Details:
             )
         live = self.active.filter(pl.col("alert_id").is_in(wanted))
         rendered = self.describer.annotations(self.views, live)
-        stored = _latest(self.stored, wanted).filter(~pl.col("alert_id").is_in(live.get_column("alert_id").implode()))
+        stored = self.stored
+        if self.ended is not None:
+            views, rows = self.ended
+            mine = rows.filter(pl.col("alert_id").is_in(wanted))
+            if not mine.is_empty():  # newer than anything stored
+                stored = pl.concat([stored, self.describer.annotations(views, mine)])
+        stored = _latest(stored, wanted).filter(~pl.col("alert_id").is_in(live.get_column("alert_id").implode()))
         annotations = pl.concat([rendered, stored])
         return labels.join(annotations, on="alert_id", how="full", coalesce=True).select(DETAIL_SCHEMA.names())
 

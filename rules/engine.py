@@ -146,10 +146,9 @@ class _Ahead:
 
     `parts` are the query's true (rule, row) pairs (ACTIVE_SCHEMA) with `known`: whether the
     alert table the next tick starts from (`alerts`, the one after the last tick) has that
-    alert. `where` says, per row of `alerts`, which query found it true ahead (`query`, null:
-    none) at which `row`. With them the tick matches its true rows with its alerts (which are
-    new, which alerts hold) without a membership test of one against the other (~8 ms at a
-    million VMs)."""
+    alert. `found` says, per row of `alerts`, whether a query found it true ahead. With them
+    the tick matches its true rows with its alerts (which are new, which alerts hold) without
+    a membership test of one against the other (~8 ms at a million VMs)."""
 
     now_ms: int
     held: tuple[str, ...]
@@ -158,7 +157,7 @@ class _Ahead:
     links: pl.DataFrame | None  # the link figures the linked queries read (None: no such query)
     parts: dict[int, pl.DataFrame]
     alerts: pl.DataFrame
-    where: pl.DataFrame | None  # None: not matched (an alert id found twice)
+    found: pl.Series | None  # None: not matched (two rows found the same alert id)
     late: LateRows | None  # views.late_rows at `now_ms` (None: no rule reads the `vm` view)
 
 
@@ -211,37 +210,13 @@ def _per_vm_table(fleet: state.FleetState, entity: str) -> pl.DataFrame:
     return fleet.replication if entity == "vm_replication" else fleet.backup
 
 
-def _where(alerts: pl.DataFrame, parts: dict[int, pl.DataFrame]) -> pl.DataFrame | None:
-    """Per row of `alerts`: the query that found it true ahead (`query`, null: none) and at
-    which `row`; None if two rows found the same alert id (a hash collision: the tick then
-    matches by membership tests)."""
-    found = pl.concat(
-        [frame.select("alert_id", pl.lit(i, dtype=pl.UInt16).alias("query"), "row") for i, frame in parts.items()]
-    )
-    if found.get_column("alert_id").n_unique() != found.height:
+def _found_ahead(alerts: pl.DataFrame, parts: dict[int, pl.DataFrame]) -> pl.Series | None:
+    """Per row of `alerts`: whether one of `parts` found it true; None if two rows found the
+    same alert id (a hash collision: the tick then matches by membership tests)."""
+    ids = pl.concat([frame.get_column("alert_id") for frame in parts.values()])
+    if ids.n_unique() != ids.len():
         return None
-    return alerts.select("alert_id").join(found, on="alert_id", how="left", maintain_order="left").select("query", "row")
-
-
-def _still(
-    where: pl.DataFrame,
-    kept: dict[int, pl.Series],
-    queries: list[_RuleQuery],
-    masks: dict[str, pl.Series | None],
-    fleet: state.FleetState,
-) -> pl.Series:
-    """Per alert (rows of `where`): found true ahead by a query still kept, at a row not
-    written since. One gather from the written flags of both tables laid end to end."""
-    offsets = {"vm_replication": 0, "vm_backup": fleet.replication.height}
-    by_query = pl.Series(
-        [offsets[q.entity] if i in kept else None for i, q in enumerate(queries)], dtype=pl.UInt32
-    )
-    flags = pl.concat(
-        [m if (m := masks.get(entity)) is not None else pl.repeat(False, _per_vm_table(fleet, entity).height, eager=True)
-         for entity in PER_VM]
-    )
-    at = where.select((pl.lit(by_query).gather(pl.col("query")) + pl.col("row")).alias("at")).to_series()
-    return (~flags.gather(at)).fill_null(False)
+    return alerts.get_column("alert_id").is_in(ids.implode())
 
 
 @dataclass
@@ -273,6 +248,9 @@ class Engine:
         # The previous tick's views and active alerts: where alerts that stop being true now
         # get their last annotations from.
         self._previous: tuple[Views, pl.DataFrame] | None = None
+        # The alerts the last tick ended (ACTIVE_SCHEMA rows of the previous tick's views),
+        # their annotations not yet stored.
+        self._ended: tuple[Views, pl.DataFrame] | None = None
         self._by_entity: dict[str, list[int]] = {}
         for index, r in enumerate(rules):
             self._by_entity.setdefault(r.spec.entity, []).append(index)
@@ -389,7 +367,7 @@ class Engine:
             self.alerts = pl.concat([advanced, frozen]) if held else advanced
             clock.lap("lifecycle")
             self._remember(identities, active, now_ms)
-            details = Details(self._describer, views, active, self.alerts, self._labels, self._stored)
+            details = Details(self._describer, views, active, self.alerts, self._labels, self._stored, self._ended)
             self._previous = (views, active)
             changes = self._identify(changes)
             clock.lap("transitions")
@@ -405,9 +383,9 @@ class Engine:
         outside the lock from the state as it is (ingest goes on applying); the tick takes them
         as the sums of an earlier state, as it does its own between refreshes.
 
-        Then, on large fleets, the per-VM conditions at that tick's instant (`_evaluate_ahead`):
-        the tick then evaluates only the rows written in between. Returns whether the sums were
-        recomputed."""
+        Then the annotations of the alerts the last tick ended, and, on large fleets, the per-VM
+        conditions at that tick's instant (`_evaluate_ahead`): the tick then evaluates only the
+        rows written in between. Returns whether the sums were recomputed."""
         with self._lock:
             fleet, current, generation = self.fleet, self._aggregates, self._generation
         refreshed = False
@@ -419,8 +397,22 @@ class Engine:
                 if self._generation == generation and self._aggregates is current:
                     self._aggregates = fresh
                     refreshed = True
+        self._render_ended()
         self._evaluate_ahead(now_ms + next_tick_in_ms)
         return refreshed
+
+    def _render_ended(self) -> None:
+        """Store the annotations of the alerts the last tick ended, rendered outside the lock
+        (the views they come from are immutable)."""
+        with self._lock:
+            ended = self._ended
+        if ended is None:
+            return
+        rendered = self._describer.annotations(*ended)
+        with self._lock:
+            if self._ended is ended:  # else a tick stored them meanwhile
+                self._stored = pl.concat([self._stored, rendered])
+                self._ended = None
 
     def _evaluate_ahead(self, at_ms: int) -> None:
         """Evaluate the per-VM queries at the instant `at_ms` over the state as it is, and start
@@ -448,17 +440,19 @@ class Engine:
             return
         found = pl.collect_all([self._query(queries[i], views, list(held)) for i in ahead], engine="streaming")
         links = views.link_figures() if any(queries[i].linked for i in ahead) else None
-        ids = alerts.get_column("alert_id").implode()
-        parts = {
-            i: self._parts(frame, queries[i].rules).with_columns(pl.col("alert_id").is_in(ids).alias("known")).collect()
-            for i, frame in zip(ahead, found)
-        }
-        where = _where(alerts, parts)
+        # One membership test for all the queries' rows, then split by query.
+        every = pl.concat(
+            [self._parts(frame, queries[i].rules).with_columns(pl.lit(i, dtype=pl.UInt16).alias("__q")) for i, frame in zip(ahead, found)]
+        ).with_columns(pl.col("alert_id").is_in(alerts.get_column("alert_id").implode()).alias("known")).collect()
+        split = every.partition_by("__q", as_dict=True, include_key=False)
+        empty = every.clear().drop("__q")
+        parts = {i: split.get((i,), empty) for i in ahead}
+        found_ahead = _found_ahead(alerts, parts)
         late = late_rows(fleet, at_ms) if "vm" in self._by_entity else None
         with self._lock:
             if self._generation != generation or self._journals is not journals:
                 return
-            self._ahead = _Ahead(at_ms, held, generation, aggregates, links, parts, alerts, where, late)
+            self._ahead = _Ahead(at_ms, held, generation, aggregates, links, parts, alerts, found_ahead, late)
 
     def _aggregates_at(self, now_ms: int) -> Aggregates:
         """The link and service-group sums, recomputed when due (`_refresh_due`)."""
@@ -530,14 +524,25 @@ class Engine:
         ahead = cast(_Ahead, self._ahead)
         masks = {entity: written_mask(_per_vm_table(self.fleet, entity).height, rows) for entity, rows in written.items()}
         unwritten = []
+        # Alert ids found ahead that no longer count: on rows written since, or by a query not kept.
+        dropped = [ahead.parts[i].get_column("alert_id") for i in ahead.parts if i not in kept]
         for i in kept:
             frame, mask = ahead.parts[i], masks[queries[i].entity]
-            unwritten.append(frame if mask is None else frame.filter(~mask.gather(frame.get_column("row"))))
+            if mask is None:
+                unwritten.append(frame)
+                continue
+            on_written = mask.gather(frame.get_column("row"))
+            unwritten.append(frame.filter(~on_written))
+            dropped.append(frame.get_column("alert_id").filter(on_written))
         earlier = pl.concat(unwritten)
         active = pl.concat([earlier.drop("known"), fresh])
-        if ahead.where is None or ahead.alerts is not self.alerts:
+        if ahead.found is None or ahead.alerts is not self.alerts:
             return active, None
-        still = _still(ahead.where, kept, queries, masks, self.fleet)
+        still = ahead.found
+        if dropped:
+            gone = pl.concat(dropped)
+            if not gone.is_empty():  # a membership test against a few thousand ids
+                still = still & ~ahead.alerts.get_column("alert_id").is_in(gone.implode())
         matched = _Matched(ahead.alerts, still, earlier.filter(~pl.col("known")).drop("known"), fresh)
         return active, matched
 
@@ -645,11 +650,13 @@ class Engine:
         return columns if columns is not None else set(views.lazy(entity).collect_schema().names()) - {ROW}
 
     def _remember(self, identities: Identities, active: pl.DataFrame, now_ms: int) -> None:
-        """Store the labels of new alerts with an ambiguous key, and the annotations of alerts
-        that stopped being true at this tick as of the previous tick (their last true one)."""
+        """Store the labels of new alerts with an ambiguous key; find the alerts that stopped
+        being true at this tick, whose annotations as of the previous tick (their last true
+        one) `prepare` renders and stores, after the tick (`_ended`; ~4 ms at a million VMs)."""
         if not identities.odd_labels.is_empty():
             self._labels = pl.concat([self._labels, identities.odd_labels])
         self._labels = compact(self._labels, self.alerts)
+        self._store_ended()
         if self._previous is not None:
             views, was_active = self._previous
             # True at the previous tick and not now: the lifecycle left their last true time
@@ -663,8 +670,16 @@ class Engine:
                 ended = was_active.filter(~still).get_column("alert_id")
             if not ended.is_empty():
                 rows = was_active.filter(pl.col("alert_id").is_in(ended.implode()))
-                self._stored = pl.concat([self._stored, self._describer.annotations(views, rows)])
+                self._ended = (views, rows)
         self._stored = compact(self._stored, self.alerts)
+
+    def _store_ended(self) -> None:
+        """Render and store the annotations of the alerts the last tick ended (`_ended`), if
+        `prepare` has not."""
+        if self._ended is not None:
+            views, rows = self._ended
+            self._stored = pl.concat([self._stored, self._describer.annotations(views, rows)])
+            self._ended = None
 
     def _identify(self, changes: pl.DataFrame) -> pl.DataFrame:
         """This tick's transitions with the alerts' identity (TickResult.changes)."""

@@ -18,7 +18,7 @@ import rules.engine
 from bench.tick import NOW0_MS, build_state, load_engine, replication_batch
 from ingest.contracts import Stream
 from ingest.decode import decode_batch
-from rules.engine import Engine, TickResult, _Matched, _where
+from rules.engine import Engine, TickResult, _found_ahead, _Matched
 
 TICK_MS = 1_000
 VMS = 2_000
@@ -229,6 +229,6 @@ def test_alerts_are_not_matched_ahead_when_two_rows_found_the_same_id() -> None:
     alerts = pl.DataFrame({"alert_id": [1, 2, 3]}, schema={"alert_id": pl.UInt64})
     part = pl.DataFrame({"alert_id": [2, 9], "rule": [0, 0], "row": [5, 6]},
                         schema={"alert_id": pl.UInt64, "rule": pl.UInt16, "row": pl.UInt32})
-    where = _where(alerts, {0: part})
-    assert where is not None and where.rows() == [(None, None), (0, 5), (None, None)]
-    assert _where(alerts, {0: part, 1: part.head(1)}) is None
+    found = _found_ahead(alerts, {0: part})
+    assert found is not None and found.to_list() == [False, True, False]
+    assert _found_ahead(alerts, {0: part, 1: part.head(1)}) is None

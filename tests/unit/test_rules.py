@@ -342,13 +342,19 @@ def test_annotations_of_a_standing_alert_follow_the_latest_evaluation() -> None:
     assert "95.0 s old" in _annotations(later, "ReplicationRPOBreach")["description"]
 
 
-def test_a_resolved_alert_keeps_the_annotations_of_its_last_true_tick() -> None:
+@pytest.mark.parametrize("prepared", [False, True], ids=["read-before-prepare", "stored-by-prepare"])
+def test_a_resolved_alert_keeps_the_annotations_of_its_last_true_tick(prepared: bool) -> None:
+    # The tick that ends an alert leaves its annotations to be rendered on read, or stored by
+    # the prepare after it (or by the next tick, without one).
     engine = Engine(default_pack())
     feed(engine, Stream.REPLICATION, [rep("a", T0, T0)], T0)
     engine.tick(T0 + 61 * S)
     engine.tick(T0 + 70 * S)  # last tick it is true: 70 s behind
     feed(engine, Stream.REPLICATION, [rep("b", T0 + 75 * S, T0 + 74 * S)], T0 + 75 * S)
     result = engine.tick(T0 + 80 * S)
+    if prepared:
+        engine.prepare(T0 + 80 * S, 10 * S)
+        assert engine._ended is None  # stored
     assert states(result, "ReplicationRPOBreach") == {"vm1": "resolved"}
     resolved = result.transitions.filter(pl.col("alertname") == "ReplicationRPOBreach").row(0, named=True)
     assert resolved["transition"] == "resolved"
