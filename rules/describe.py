@@ -15,6 +15,7 @@ an alert's labels are rendered at birth and stored (`Identities.odd_labels`).
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -210,6 +211,28 @@ def _latest(frame: pl.DataFrame, ids: pl.Series) -> pl.DataFrame:
     return frame.filter(pl.col("alert_id").is_in(ids)).unique("alert_id", keep="last", maintain_order=True)
 
 
+class EndedAlerts:
+    """The alerts a tick ended, whose annotations are those of the tick before (their last
+    true one): rendered once, when first asked for (by a reader, or by Engine.prepare after
+    the tick), from that tick's views, which are then let go (they hold that tick's state)."""
+
+    def __init__(self, describer: Describer, views: Views, rows: pl.DataFrame) -> None:
+        self.ids = rows.get_column("alert_id")
+        self._describer = describer
+        self._source: tuple[Views, pl.DataFrame] | None = (views, rows)
+        self._rendered: pl.DataFrame | None = None
+        self._lock = threading.Lock()
+
+    def annotations(self) -> pl.DataFrame:
+        """ANNOTATION_SCHEMA for every ended alert."""
+        with self._lock:
+            if self._rendered is None:
+                views, rows = cast(tuple[Views, pl.DataFrame], self._source)
+                self._rendered = self._describer.annotations(views, rows)
+                self._source = None
+            return self._rendered
+
+
 @dataclass(frozen=True)
 class Details:
     """What one tick knows to describe its alerts. Immutable, like the tick's views."""
@@ -224,9 +247,8 @@ class Details:
     # ANNOTATION_SCHEMA, append-only: annotations as of the last tick alerts were true (newest
     # row wins); read for alerts not true now.
     stored: pl.DataFrame
-    # Alerts this tick ended whose annotations are not in `stored` yet: the previous tick's
-    # views and their rows there (lifecycle.ACTIVE_SCHEMA); rendered when read.
-    ended: tuple[Views, pl.DataFrame] | None = None
+    # Alerts this tick ended whose annotations are not in `stored` yet.
+    ended: EndedAlerts | None = None
 
     def of(self, ids: pl.Series) -> pl.DataFrame:
         """DETAIL_SCHEMA for these alert ids (null where unknown)."""
@@ -241,11 +263,8 @@ class Details:
         live = self.active.filter(pl.col("alert_id").is_in(wanted))
         rendered = self.describer.annotations(self.views, live)
         stored = self.stored
-        if self.ended is not None:
-            views, rows = self.ended
-            mine = rows.filter(pl.col("alert_id").is_in(wanted))
-            if not mine.is_empty():  # newer than anything stored
-                stored = pl.concat([stored, self.describer.annotations(views, mine)])
+        if self.ended is not None and self.ended.ids.is_in(wanted).any():
+            stored = pl.concat([stored, self.ended.annotations()])  # newer than anything stored
         stored = _latest(stored, wanted).filter(~pl.col("alert_id").is_in(live.get_column("alert_id").implode()))
         annotations = pl.concat([rendered, stored])
         return labels.join(annotations, on="alert_id", how="full", coalesce=True).select(DETAIL_SCHEMA.names())

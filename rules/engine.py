@@ -18,7 +18,16 @@ import polars as pl
 
 from ingest.contracts import Stream
 from rules import lifecycle, state
-from rules.describe import ANNOTATION_SCHEMA, LABELS_SCHEMA, Describer, Details, Identities, compact, empty_store
+from rules.describe import (
+    ANNOTATION_SCHEMA,
+    LABELS_SCHEMA,
+    Describer,
+    Details,
+    EndedAlerts,
+    Identities,
+    compact,
+    empty_store,
+)
 from rules.pack import RulePack
 from rules.policy import DEFAULT_POLICY, Policy
 from rules.views import (
@@ -248,9 +257,8 @@ class Engine:
         # The previous tick's views and active alerts: where alerts that stop being true now
         # get their last annotations from.
         self._previous: tuple[Views, pl.DataFrame] | None = None
-        # The alerts the last tick ended (ACTIVE_SCHEMA rows of the previous tick's views),
-        # their annotations not yet stored.
-        self._ended: tuple[Views, pl.DataFrame] | None = None
+        # The alerts the last tick ended, their annotations not yet stored.
+        self._ended: EndedAlerts | None = None
         self._by_entity: dict[str, list[int]] = {}
         for index, r in enumerate(rules):
             self._by_entity.setdefault(r.spec.entity, []).append(index)
@@ -408,7 +416,7 @@ class Engine:
             ended = self._ended
         if ended is None:
             return
-        rendered = self._describer.annotations(*ended)
+        rendered = ended.annotations()
         with self._lock:
             if self._ended is ended:  # else a tick stored them meanwhile
                 self._stored = pl.concat([self._stored, rendered])
@@ -670,15 +678,14 @@ class Engine:
                 ended = was_active.filter(~still).get_column("alert_id")
             if not ended.is_empty():
                 rows = was_active.filter(pl.col("alert_id").is_in(ended.implode()))
-                self._ended = (views, rows)
+                self._ended = EndedAlerts(self._describer, views, rows)
         self._stored = compact(self._stored, self.alerts)
 
     def _store_ended(self) -> None:
         """Render and store the annotations of the alerts the last tick ended (`_ended`), if
         `prepare` has not."""
         if self._ended is not None:
-            views, rows = self._ended
-            self._stored = pl.concat([self._stored, self._describer.annotations(views, rows)])
+            self._stored = pl.concat([self._stored, self._ended.annotations()])
             self._ended = None
 
     def _identify(self, changes: pl.DataFrame) -> pl.DataFrame:
