@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from exporters.alertmanager import AlertmanagerSender
 from exporters.history.runtime import HistoryRuntime
 from exporters.http import bound_port, make_app, start_http
-from exporters.metrics import RpowatchCollector, make_evaluation_histogram
+from exporters.metrics import RpowatchCollector, make_evaluation_histogram, make_prepare_histogram
 from exporters.snapshot import SelfCounters, Snapshot, SnapshotHolder
 from ingest.adapters import CANONICAL, StreamOutcome, adapt_and_decode, build_adapters
 from ingest.contracts import Stream
@@ -93,6 +93,7 @@ class Service:
             )
         )
         self._evaluation = make_evaluation_histogram(self.registry)
+        self._preparation = make_prepare_histogram(self.registry)
         self._limits = DecodeLimits(
             max_payload_bytes=self.settings.ingest.max_payload_bytes,
             max_future_skew_ms=int(self.settings.evaluation.max_future_skew * 1000),
@@ -347,9 +348,11 @@ class Service:
             # The idle time before the next tick does what that tick would otherwise pay for,
             # for the instant it will evaluate if it keeps to the schedule.
             clock_ms = int(self.clock() * 1000)
+            started = time.perf_counter()
             await loop.run_in_executor(
                 self._executor, self.engine.prepare, clock_ms, instant_ms + interval_ms - clock_ms
             )
+            self._preparation.observe(time.perf_counter() - started)
             next_at = next_tick_at(next_at, loop.time(), interval)
             await asyncio.sleep(max(0.0, next_at - loop.time()))
 

@@ -207,8 +207,8 @@ class RecordingEngine:
         return False
 
 
-async def run_tick_loop(engine: object, interval: float, seconds: float) -> None:
-    """The service's tick loop over `engine` for `seconds`."""
+async def run_tick_loop(engine: object, interval: float, seconds: float) -> Service:
+    """The service's tick loop over `engine` for `seconds`; returns the service."""
     settings = Settings(http={"port": 0}, evaluation={"interval": interval})
     svc = Service(settings, load_rule_packs(settings), [], MemoryDeadLetterSink())
     svc.engine = engine  # type: ignore[assignment]
@@ -220,11 +220,16 @@ async def run_tick_loop(engine: object, interval: float, seconds: float) -> None
         await asyncio.gather(loop_task, return_exceptions=True)
         svc._executor.shutdown()
         svc._decoder.shutdown()
+    return svc
 
 
 async def test_each_tick_is_prepared_for_the_instant_it_evaluates() -> None:
     engine = RecordingEngine()
-    await run_tick_loop(engine, interval=0.05, seconds=0.6)
+    svc = await run_tick_loop(engine, interval=0.05, seconds=0.6)
+    prepared = svc.registry.get_sample_value("rpowatch_evaluation_prepare_duration_seconds_count")
+    # Each preparation timed (the last may be cut short by the cancellation).
+    assert prepared is not None and len(engine.prepared) - 1 <= prepared <= len(engine.prepared)
+    assert len(engine.prepared) >= 5
     ticks = engine.ticks
     assert len(ticks) >= 5, ticks
     on_schedule = [b - a == 50 for a, b in zip(ticks, ticks[1:])]
