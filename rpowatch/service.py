@@ -325,36 +325,63 @@ class Service:
         interval_ms = int(interval * 1000)
         next_at = loop.time()
         instant_ms: int | None = None
+        failed = _ThrottledFailures()
         while True:
             instant_ms = evaluation_instant(instant_ms, int(self.clock() * 1000), interval_ms)
-            health = source_health_frame(self._health, {s.name: s.up for s in self.sources}, instant_ms)
-            result = await loop.run_in_executor(
-                self._executor, functools.partial(self.engine.tick, instant_ms, sources=health)
-            )
-            self._evaluation.observe(result.duration_s)
-            for source in self.sources:
-                self.counters.set_source_up(source.name, source.up)
-            self.holder.set(Snapshot(result, self.counters.freeze()))
-            self._ticked = True
-            _log_transitions(result)
-            if self.on_tick is not None:
-                self.on_tick(result)
-            if self.history is not None:
-                self.history.offer(result)  # O(1): the writer thread takes the newest tick
-            if self._sender is not None and (self._send_task is None or self._send_task.done()):
-                # A slow Alertmanager must not delay evaluation; the sender works from the
-                # latest state, so a skipped tick is caught up by the next send.
-                self._send_task = asyncio.create_task(self._sender.send(result), name="alertmanager-send")
-            # The idle time before the next tick does what that tick would otherwise pay for,
-            # for the instant it will evaluate if it keeps to the schedule.
-            clock_ms = int(self.clock() * 1000)
-            started = time.perf_counter()
-            await loop.run_in_executor(
-                self._executor, self.engine.prepare, clock_ms, instant_ms + interval_ms - clock_ms
-            )
-            self._preparation.observe(time.perf_counter() - started)
+            try:
+                await self._evaluate(loop, instant_ms)
+                # The idle time before the next tick does what that tick would otherwise pay
+                # for, for the instant it will evaluate if it keeps to the schedule.
+                clock_ms = int(self.clock() * 1000)
+                started = time.perf_counter()
+                await loop.run_in_executor(
+                    self._executor, self.engine.prepare, clock_ms, instant_ms + interval_ms - clock_ms
+                )
+                self._preparation.observe(time.perf_counter() - started)
+            except Exception:  # one failed evaluation must not end evaluation: the next tries again
+                failed.log(loop.time())
             next_at = next_tick_at(next_at, loop.time(), interval)
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+    async def _evaluate(self, loop: asyncio.AbstractEventLoop, instant_ms: int) -> None:
+        """One tick at `instant_ms`, and everything that follows from it."""
+        health = source_health_frame(self._health, {s.name: s.up for s in self.sources}, instant_ms)
+        result = await loop.run_in_executor(
+            self._executor, functools.partial(self.engine.tick, instant_ms, sources=health)
+        )
+        self._evaluation.observe(result.duration_s)
+        for source in self.sources:
+            self.counters.set_source_up(source.name, source.up)
+        self.holder.set(Snapshot(result, self.counters.freeze()))
+        self._ticked = True
+        _log_transitions(result)
+        if self.on_tick is not None:
+            self.on_tick(result)
+        if self.history is not None:
+            self.history.offer(result)  # O(1): the writer thread takes the newest tick
+        if self._sender is not None and (self._send_task is None or self._send_task.done()):
+            # A slow Alertmanager must not delay evaluation; the sender works from the
+            # latest state, so a skipped tick is caught up by the next send.
+            self._send_task = asyncio.create_task(self._sender.send(result), name="alertmanager-send")
+
+
+FAILURE_LOG_EVERY_S = 60.0
+
+
+class _ThrottledFailures:
+    """Logs a failed evaluation with its traceback, then at most once a minute with the number
+    of failures in between: a tick failing every second must not flood the log."""
+
+    def __init__(self) -> None:
+        self.last_logged: float | None = None
+        self.since = 0
+
+    def log(self, now: float) -> None:
+        self.since += 1
+        if self.last_logged is not None and now - self.last_logged < FAILURE_LOG_EVERY_S:
+            return
+        logger.exception("evaluation failed (%d failures since the last report); the next tick tries again", self.since)
+        self.last_logged, self.since = now, 0
 
 
 def evaluation_instant(previous_ms: int | None, clock_ms: int, interval_ms: int) -> int:

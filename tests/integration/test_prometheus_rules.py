@@ -60,7 +60,12 @@ RPOWATCH_ONLY = {
     "SourceClockSkew",
 }
 # About rpowatch itself, Prometheus-side only.
-META = {"RpowatchDown": "critical", "RpowatchAlertmanagerNotificationsFailing": "warning", "Watchdog": "info"}
+META = {
+    "RpowatchDown": "critical",
+    "RpowatchEvaluationStalled": "critical",
+    "RpowatchAlertmanagerNotificationsFailing": "warning",
+    "Watchdog": "info",
+}
 # Alerts that must fire when there is no data at all (that is what they are for).
 FIRE_WITHOUT_DATA = {"RpowatchDown", "Watchdog"}
 RUNBOOK_SECTIONS = ("## Meaning", "## Likely causes", "## What to check", "## What to do")

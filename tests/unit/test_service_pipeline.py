@@ -4,6 +4,7 @@ Service._tick_loop: ticks keep their schedule, and ticks missed in a stall are s
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -239,6 +240,35 @@ async def test_each_tick_is_prepared_for_the_instant_it_evaluates() -> None:
     for k, kept in enumerate(on_schedule):
         if kept:
             assert engine.prepared[k] == ticks[k + 1]
+
+
+class FailingEngine(RecordingEngine):
+    """Fails its first two ticks and its first preparation."""
+
+    def tick(self, now_ms: int, sources: object = None) -> TickResult:
+        result = super().tick(now_ms, sources)
+        if len(self.ticks) <= 2:
+            raise RuntimeError(f"tick {len(self.ticks)} broke")
+        return result
+
+    def prepare(self, now_ms: int, next_tick_in_ms: int) -> bool:
+        super().prepare(now_ms, next_tick_in_ms)
+        if len(self.prepared) == 1:
+            raise RuntimeError("prepare broke")
+        return False
+
+
+async def test_a_failed_tick_or_preparation_is_logged_and_evaluation_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    engine = FailingEngine()
+    with caplog.at_level(logging.ERROR, logger="rpowatch.service"):
+        svc = await run_tick_loop(engine, interval=0.05, seconds=0.5)
+    assert len(engine.ticks) >= 6, engine.ticks  # it went on ticking
+    assert len(engine.prepared) >= 2  # and preparing, after the failed one
+    assert svc._ticked  # the ticks after the failures produced results
+    failures = [r for r in caplog.records if "evaluation failed" in r.getMessage()]
+    # Three failures within a minute: the first logged with its traceback, the others held back.
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert "tick 1 broke" in caplog.text
 
 
 async def test_ticks_missed_during_a_stall_are_skipped_not_run_back_to_back() -> None:
