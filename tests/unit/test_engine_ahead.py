@@ -12,6 +12,8 @@ from typing import Any
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 import rules.engine
@@ -232,3 +234,49 @@ def test_alerts_are_not_matched_ahead_when_two_rows_found_the_same_id() -> None:
     found = _found_ahead(alerts, {0: part})
     assert found is not None and found.to_list() == [False, True, False]
     assert _found_ahead(alerts, {0: part, 1: part.head(1)}) is None
+
+
+# What can happen between a prepare and its tick, drawn at random: each second, some of these
+# to both engines, then both tick (at the prepared instant unless "late").
+STEPS = ("replication", "backup", "new_vms", "hold", "release", "drop", "squeeze", "no_prepare", "late")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sets(st.sampled_from(STEPS), max_size=3), min_size=3, max_size=7), st.integers(0, 1_000))
+def test_any_sequence_of_events_gives_the_alerts_of_a_full_evaluation(seconds: list[set[str]], seed: int) -> None:
+    ahead, full = pair()
+    now = NOW0_MS
+    for second, steps in enumerate(seconds, start=1):
+        if "no_prepare" not in steps:
+            ahead.prepare(now, TICK_MS)
+        now += TICK_MS
+        for engine in (ahead, full):
+            apply_steps(engine, steps, now, seed + second)
+        at = now + 300 if "late" in steps else now
+        assert_same(ahead.tick(at), full.tick(at))
+
+
+def apply_steps(engine: Engine, steps: set[str], now_ms: int, seed: int) -> None:
+    clusters = engine.fleet.replication.get_column("cluster_id").unique().sort().to_list()
+    if "replication" in steps:
+        engine.apply(Stream.REPLICATION, replication_batch(engine.fleet, 200, now_ms, seed=seed), now_ms)
+    if "backup" in steps:
+        engine.apply(Stream.BACKUP, backup_batch(engine, now_ms, seed), now_ms)
+    if "new_vms" in steps:
+        payloads = [
+            json.dumps({"event_id": f"n-{seed}-{k}", "ts": now_ms - 90_000, "vm_id": f"vm-n-{seed}-{k}",
+                        "cluster_id": clusters[k % len(clusters)], "target_id": "hci-dr",
+                        "technology": "hyperv_replica", "kind": "cycle_completed", "frequency_s": 30,
+                        "recovery_point_ts": now_ms - 90_000}).encode()
+            for k in range(3)
+        ]
+        engine.apply(Stream.REPLICATION, decode_batch(Stream.REPLICATION, payloads, now_ms).valid, now_ms)
+    if "hold" in steps:
+        engine.hold(clusters[seed % len(clusters) :][:2])
+    if "release" in steps:
+        engine.release(clusters)
+    if "drop" in steps and len(clusters) > 4:
+        engine.drop_clusters([clusters[seed % len(clusters)]])
+    if "squeeze" in steps:
+        nodes = engine.fleet.nodes.with_columns(pl.col("net_capacity_bytes_per_s") * (0.02 if seed % 2 else 50.0))
+        engine.fleet = replace(engine.fleet, nodes=nodes)
