@@ -18,6 +18,7 @@ import polars as pl
 
 from ingest.contracts import Stream
 from rules import lifecycle, state
+from rules.ahead import Ahead, Journal, Matched, found_ahead, per_vm_table
 from rules.describe import (
     ANNOTATION_SCHEMA,
     LABELS_SCHEMA,
@@ -146,88 +147,6 @@ class _RuleQuery:
     linked: bool
 
 
-@dataclass(frozen=True)
-class _Ahead:
-    """What `Engine.prepare` found true, per per-VM query (by index), for a tick at `now_ms`,
-    and the inputs it was found from besides the rows themselves. A tick at that instant with
-    the same inputs evaluates only the rows written since (`_Journal`) and takes the others'
-    results from here.
-
-    `parts` are the query's true (rule, row) pairs (ACTIVE_SCHEMA) with `known`: whether the
-    alert table the next tick starts from (`alerts`, the one after the last tick) has that
-    alert. `found` says, per row of `alerts`, whether a query found it true ahead. With them
-    the tick matches its true rows with its alerts (which are new, which alerts hold) without
-    a membership test of one against the other (~8 ms at a million VMs)."""
-
-    now_ms: int
-    held: tuple[str, ...]
-    generation: int
-    aggregates: Aggregates
-    links: pl.DataFrame | None  # the link figures the linked queries read (None: no such query)
-    parts: dict[int, pl.DataFrame]
-    alerts: pl.DataFrame
-    found: pl.Series | None  # None: not matched (two rows found the same alert id)
-    late: LateRows | None  # views.late_rows at `now_ms` (None: no rule reads the `vm` view)
-
-
-@dataclass(frozen=True)
-class _Matched:
-    """A tick's true rows matched with the alert table `Engine.prepare` matched its own with."""
-
-    alerts: pl.DataFrame
-    still: pl.Series  # per alert row: true by a row found ahead and not written since
-    new_ahead: pl.DataFrame  # rows found ahead, not written since, that no alert has (ACTIVE_SCHEMA)
-    fresh: pl.DataFrame  # the rows evaluated at the tick (ACTIVE_SCHEMA)
-
-    def resolve(self) -> tuple[pl.Series, pl.DataFrame]:
-        """Per alert row whether it is true now, and the true rows no alert has: the rows
-        evaluated at the tick (a few thousand) are matched here, the others were ahead."""
-        ids = self.alerts.get_column("alert_id")
-        in_fresh = ids.is_in(self.fresh.get_column("alert_id").implode())
-        known = ids.filter(in_fresh)
-        new_fresh = self.fresh.filter(~pl.col("alert_id").is_in(known.implode()))
-        return self.still | in_fresh, pl.concat([self.new_ahead, new_fresh])
-
-
-class _Journal:
-    """The rows written to one per-VM table since the version `Engine.prepare` evaluated:
-    `current` is the version they lead to, None once the table was replaced some other way
-    (then nothing evaluated ahead of it can be used)."""
-
-    def __init__(self, table: pl.DataFrame) -> None:
-        self.current: pl.DataFrame | None = table
-        self.rows: list[pl.Series] = []
-
-    def record(self, before: pl.DataFrame, after: pl.DataFrame, rows: pl.Series) -> None:
-        if self.current is not before:
-            self.current = None
-            return
-        self.current = after
-        if not rows.is_empty():
-            self.rows.append(rows)
-
-    def written(self, table: pl.DataFrame) -> pl.Series | None:
-        """The rows written since, if `table` is the version they lead to; else None."""
-        if self.current is not table:
-            return None
-        if not self.rows:
-            return pl.Series(ROW, [], dtype=pl.UInt32)
-        return pl.concat(self.rows).unique().alias(ROW)
-
-
-def _per_vm_table(fleet: state.FleetState, entity: str) -> pl.DataFrame:
-    return fleet.replication if entity == "vm_replication" else fleet.backup
-
-
-def _found_ahead(alerts: pl.DataFrame, parts: dict[int, pl.DataFrame]) -> pl.Series | None:
-    """Per row of `alerts`: whether one of `parts` found it true; None if two rows found the
-    same alert id (a hash collision: the tick then matches by membership tests)."""
-    ids = pl.concat([frame.get_column("alert_id") for frame in parts.values()])
-    if ids.n_unique() != ids.len():
-        return None
-    return alerts.get_column("alert_id").is_in(ids.implode())
-
-
 @dataclass
 class Engine:
     pack: RulePack
@@ -264,8 +183,8 @@ class Engine:
             self._by_entity.setdefault(r.spec.entity, []).append(index)
         self._queries: list[_RuleQuery] | None = None  # made at the first evaluation
         # The per-VM conditions evaluated ahead of the next tick, and the rows written since.
-        self._ahead: _Ahead | None = None
-        self._journals: dict[str, _Journal] = {}
+        self._ahead: Ahead | None = None
+        self._journals: dict[str, Journal] = {}
         self._sources: pl.DataFrame | None = None  # the last tick's, for `prepare`'s views
         self._aggregates: Aggregates | None = None
         self._generation = 0  # counts drops of instances (rows removed from the state)
@@ -425,7 +344,7 @@ class Engine:
     def _evaluate_ahead(self, at_ms: int) -> None:
         """Evaluate the per-VM queries at the instant `at_ms` over the state as it is, and start
         journaling the rows written from now on. A tick at `at_ms` whose other inputs are those
-        (`_Ahead`) re-evaluates only the journaled rows: every other row has the values it was
+        (`Ahead`) re-evaluates only the journaled rows: every other row has the values it was
         evaluated with, at the same instant, so its conditions hold exactly as found here.
 
         Most of a tick's work at a million VMs is these queries over every row (~30 ms), while
@@ -439,7 +358,7 @@ class Engine:
             vms = max(fleet.replication.height, fleet.backup.height)
             if vms < AHEAD_FROM_VMS or aggregates is None:
                 return
-            journals = {entity: _Journal(_per_vm_table(fleet, entity)) for entity in PER_VM}
+            journals = {entity: Journal(per_vm_table(fleet, entity)) for entity in PER_VM}
             self._journals = journals
         views = build_views(fleet, at_ms, self._params, sources, aggregates)
         queries = self._rule_queries(views)
@@ -455,12 +374,12 @@ class Engine:
         split = every.partition_by("__q", as_dict=True, include_key=False)
         empty = every.clear().drop("__q")
         parts = {i: split.get((i,), empty) for i in ahead}
-        found_ahead = _found_ahead(alerts, parts)
+        alerts_found = found_ahead(alerts, parts)
         late = late_rows(fleet, at_ms) if "vm" in self._by_entity else None
         with self._lock:
             if self._generation != generation or self._journals is not journals:
                 return
-            self._ahead = _Ahead(at_ms, held, generation, aggregates, links, parts, alerts, found_ahead, late)
+            self._ahead = Ahead(at_ms, held, generation, aggregates, links, parts, alerts, alerts_found, late)
 
     def _aggregates_at(self, now_ms: int) -> Aggregates:
         """The link and service-group sums, recomputed when due (`_refresh_due`)."""
@@ -484,10 +403,10 @@ class Engine:
             or not 0 <= now_ms - current.computed_ms < self.settings.aggregate_refresh_s * 1000
         )
 
-    def _active(self, views: Views, held: list[str]) -> tuple[pl.DataFrame, _Matched | None]:
+    def _active(self, views: Views, held: list[str]) -> tuple[pl.DataFrame, Matched | None]:
         """Every (rule, entity) whose condition holds now: ACTIVE_SCHEMA; and, when the per-VM
         queries were evaluated ahead against the alert table the tick starts from, how the
-        true rows match its alerts (`_Matched`).
+        true rows match its alerts (`Matched`).
 
         Per entity, one query evaluates all of its rules' conditions in a single pass over the
         columns they read, keeps the rows where any holds and makes their alert ids from the
@@ -529,8 +448,8 @@ class Engine:
         fresh = pl.concat(parts).collect() if parts else pl.DataFrame(schema=lifecycle.ACTIVE_SCHEMA)
         if not kept:
             return fresh, None
-        ahead = cast(_Ahead, self._ahead)
-        masks = {entity: written_mask(_per_vm_table(self.fleet, entity).height, rows) for entity, rows in written.items()}
+        ahead = cast(Ahead, self._ahead)
+        masks = {entity: written_mask(per_vm_table(self.fleet, entity).height, rows) for entity, rows in written.items()}
         unwritten = []
         # Alert ids found ahead that no longer count: on rows written since, or by a query not kept.
         dropped = [ahead.parts[i].get_column("alert_id") for i in ahead.parts if i not in kept]
@@ -551,7 +470,7 @@ class Engine:
             gone = pl.concat(dropped)
             if not gone.is_empty():  # a membership test against a few thousand ids
                 still = still & ~ahead.alerts.get_column("alert_id").is_in(gone.implode())
-        matched = _Matched(ahead.alerts, still, earlier.filter(~pl.col("known")).drop("known"), fresh)
+        matched = Matched(ahead.alerts, still, earlier.filter(~pl.col("known")).drop("known"), fresh)
         return active, matched
 
     def _parts(self, found: pl.DataFrame, rules: tuple[int, ...]) -> pl.LazyFrame:
@@ -587,7 +506,7 @@ class Engine:
         for i in ahead.parts:
             query = queries[i]
             journal = self._journals.get(query.entity)
-            written = journal.written(_per_vm_table(self.fleet, query.entity)) if journal is not None else None
+            written = journal.written(per_vm_table(self.fleet, query.entity)) if journal is not None else None
             if written is None:
                 continue
             if query.linked:
@@ -611,7 +530,7 @@ class Engine:
         written = []
         for entity in PER_VM:
             journal = self._journals.get(entity)
-            rows = journal.written(_per_vm_table(fleet, entity)) if journal is not None else None
+            rows = journal.written(per_vm_table(fleet, entity)) if journal is not None else None
             if rows is None:
                 return None
             written.append(rows)

@@ -20,7 +20,8 @@ import rules.engine
 from bench.tick import NOW0_MS, build_state, load_engine, replication_batch
 from ingest.contracts import Stream
 from ingest.decode import decode_batch
-from rules.engine import Engine, TickResult, _found_ahead, _Matched
+from rules.ahead import Matched, found_ahead
+from rules.engine import Engine, TickResult
 
 TICK_MS = 1_000
 VMS = 2_000
@@ -120,13 +121,13 @@ def test_only_the_rows_written_since_are_evaluated_and_the_alerts_are_those_of_a
     restricted: list[tuple[str, int, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     matched: list[int] = []
-    real = _Matched.resolve
+    real = Matched.resolve
 
-    def counted(self: _Matched) -> tuple[pl.Series, pl.DataFrame]:
+    def counted(self: Matched) -> tuple[pl.Series, pl.DataFrame]:
         matched.append(self.fresh.height)
         return real(self)
 
-    monkeypatch.setattr(_Matched, "resolve", counted)
+    monkeypatch.setattr(Matched, "resolve", counted)
     since: list[int] = []
     real_since = rules.engine.late_rows_since
 
@@ -231,9 +232,9 @@ def test_alerts_are_not_matched_ahead_when_two_rows_found_the_same_id() -> None:
     alerts = pl.DataFrame({"alert_id": [1, 2, 3]}, schema={"alert_id": pl.UInt64})
     part = pl.DataFrame({"alert_id": [2, 9], "rule": [0, 0], "row": [5, 6]},
                         schema={"alert_id": pl.UInt64, "rule": pl.UInt16, "row": pl.UInt32})
-    found = _found_ahead(alerts, {0: part})
+    found = found_ahead(alerts, {0: part})
     assert found is not None and found.to_list() == [False, True, False]
-    assert _found_ahead(alerts, {0: part, 1: part.head(1)}) is None
+    assert found_ahead(alerts, {0: part, 1: part.head(1)}) is None
 
 
 # What can happen between a prepare and its tick, drawn at random: each second, some of these
