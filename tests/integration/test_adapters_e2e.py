@@ -10,10 +10,9 @@ in-process `Service` through their adapters, and seen as state, alerts and dead 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 

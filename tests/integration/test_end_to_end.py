@@ -6,7 +6,6 @@ its port; everything it talks to is a real server started by tests/harness.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable

@@ -9,8 +9,7 @@ import json
 import resource
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 

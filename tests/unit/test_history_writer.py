@@ -4,7 +4,6 @@ alert transition, and writes retried after a failure."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import threading
