@@ -368,9 +368,12 @@ class Engine:
         found = pl.collect_all([self._query(queries[i], views, list(held)) for i in ahead], engine="streaming")
         links = views.link_figures() if any(queries[i].linked for i in ahead) else None
         # One membership test for all the queries' rows, then split by query.
-        every = pl.concat(
-            [self._parts(frame, queries[i].rules).with_columns(pl.lit(i, dtype=pl.UInt16).alias("__q")) for i, frame in zip(ahead, found)]
-        ).with_columns(pl.col("alert_id").is_in(alerts.get_column("alert_id").implode()).alias("known")).collect()
+        tagged = [
+            self._parts(frame, queries[i].rules).with_columns(pl.lit(i, dtype=pl.UInt16).alias("__q"))
+            for i, frame in zip(ahead, found)
+        ]
+        known = pl.col("alert_id").is_in(alerts.get_column("alert_id").implode()).alias("known")
+        every = pl.concat(tagged).with_columns(known).collect()
         split = every.partition_by("__q", as_dict=True, include_key=False)
         empty = every.clear().drop("__q")
         parts = {i: split.get((i,), empty) for i in ahead}
@@ -433,7 +436,8 @@ class Engine:
             written[entity] = rows = next(kept[i] for i in kept if queries[i].entity == entity)
             if not rows.is_empty():
                 rules = tuple(r for q in again for r in q.rules)
-                merged = _RuleQuery(entity, rules, frozenset().union(*(q.reads for q in again)), any(q.linked for q in again))
+                reads = frozenset().union(*(q.reads for q in again))
+                merged = _RuleQuery(entity, rules, reads, any(q.linked for q in again))
                 jobs.append((self._query(merged, views, held, rows), rules))
         # The streaming engine: over a million rows it evaluates the conditions in batches
         # that stay in cache, measured 1.5× faster than the in-memory engine (bench/tick); on
@@ -449,7 +453,9 @@ class Engine:
         if not kept:
             return fresh, None
         ahead = cast(Ahead, self._ahead)
-        masks = {entity: written_mask(per_vm_table(self.fleet, entity).height, rows) for entity, rows in written.items()}
+        masks = {
+            entity: written_mask(per_vm_table(self.fleet, entity).height, rows) for entity, rows in written.items()
+        }
         unwritten = []
         # Alert ids found ahead that no longer count: on rows written since, or by a query not kept.
         dropped = [ahead.parts[i].get_column("alert_id") for i in ahead.parts if i not in kept]
