@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from rules import state
-from rules.views import ROW, Aggregates, LateRows
+from rules.views import ROW, Aggregates, LateRows, written_mask
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,21 @@ class Ahead:
 
     now_ms: int
     held: tuple[str, ...]
-    generation: int
     aggregates: Aggregates
     links: pl.DataFrame | None  # the link figures the linked queries read (None: no such query)
     parts: dict[int, pl.DataFrame]
     alerts: pl.DataFrame
     found: pl.Series | None  # None: not matched (two rows found the same alert id)
     late: LateRows | None  # views.late_rows at `now_ms` (None: no rule reads the `vm` view)
+
+
+@dataclass(frozen=True)
+class Written:
+    """Rows written to a table since prepare: their positions, and a flag per row of the
+    table (None when there are none)."""
+
+    rows: pl.Series
+    mask: pl.Series | None
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,11 @@ class Journal:
     def __init__(self, table: pl.DataFrame) -> None:
         self.current: pl.DataFrame | None = table
         self.rows: list[pl.Series] = []
+        # What `since` last gave (a tick asks twice: for the conditions and for the late rows).
+        self._since: Written | None = None
 
     def record(self, before: pl.DataFrame, after: pl.DataFrame, rows: pl.Series) -> None:
+        self._since = None
         if self.current is not before:
             self.current = None
             return
@@ -74,13 +85,14 @@ class Journal:
         if not rows.is_empty():
             self.rows.append(rows)
 
-    def written(self, table: pl.DataFrame) -> pl.Series | None:
+    def since(self, table: pl.DataFrame) -> Written | None:
         """The rows written since, if `table` is the version they lead to; else None."""
         if self.current is not table:
             return None
-        if not self.rows:
-            return pl.Series(ROW, [], dtype=pl.UInt32)
-        return pl.concat(self.rows).unique().alias(ROW)
+        if self._since is None:
+            rows = pl.concat(self.rows).unique().alias(ROW) if self.rows else pl.Series(ROW, [], dtype=pl.UInt32)
+            self._since = Written(rows, written_mask(table.height, rows))
+        return self._since
 
 
 def per_vm_table(fleet: state.FleetState, entity: str) -> pl.DataFrame:

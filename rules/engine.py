@@ -18,7 +18,7 @@ import polars as pl
 
 from ingest.contracts import Stream
 from rules import lifecycle, state
-from rules.ahead import Ahead, Journal, Matched, found_ahead, per_vm_table
+from rules.ahead import Ahead, Journal, Matched, Written, found_ahead, per_vm_table
 from rules.describe import (
     ANNOTATION_SCHEMA,
     LABELS_SCHEMA,
@@ -46,7 +46,6 @@ from rules.views import (
     late_rows,
     late_rows_since,
     summarise,
-    written_mask,
 )
 
 
@@ -351,7 +350,7 @@ class Engine:
         a second's ingest writes a few per cent of the rows; so the tick's latency drops by
         about that, for the same work done once a second in the idle time before it."""
         with self._lock:
-            fleet, aggregates, generation = self.fleet, self._aggregates, self._generation
+            fleet, aggregates = self.fleet, self._aggregates
             held, sources, alerts = tuple(sorted(self.held)), self._sources, self.alerts
             self._ahead = None
             self._journals = {}
@@ -380,9 +379,11 @@ class Engine:
         alerts_found = found_ahead(alerts, parts)
         late = late_rows(fleet, at_ms) if "vm" in self._by_entity else None
         with self._lock:
-            if self._generation != generation or self._journals is not journals:
+            # Not if another prepare started meanwhile. Instances dropped meanwhile replaced the
+            # tables, so the journals lead nowhere and the tick evaluates everything.
+            if self._journals is not journals:
                 return
-            self._ahead = Ahead(at_ms, held, generation, aggregates, links, parts, alerts, alerts_found, late)
+            self._ahead = Ahead(at_ms, held, aggregates, links, parts, alerts, alerts_found, late)
 
     def _aggregates_at(self, now_ms: int) -> Aggregates:
         """The link and service-group sums, recomputed when due (`_refresh_due`)."""
@@ -428,12 +429,11 @@ class Engine:
             if i not in kept:
                 jobs.append((self._query(q, views, held), q.rules))
                 whole_per_vm = whole_per_vm or q.entity in PER_VM
-        written: dict[str, pl.Series] = {}
         for entity in PER_VM:
             again = [queries[i] for i in kept if queries[i].entity == entity]
             if not again:
                 continue
-            written[entity] = rows = next(kept[i] for i in kept if queries[i].entity == entity)
+            rows = next(kept[i] for i in kept if queries[i].entity == entity).rows
             if not rows.is_empty():
                 rules = tuple(r for q in again for r in q.rules)
                 reads = frozenset().union(*(q.reads for q in again))
@@ -453,14 +453,11 @@ class Engine:
         if not kept:
             return fresh, None
         ahead = cast(Ahead, self._ahead)
-        masks = {
-            entity: written_mask(per_vm_table(self.fleet, entity).height, rows) for entity, rows in written.items()
-        }
         unwritten = []
         # Alert ids found ahead that no longer count: on rows written since, or by a query not kept.
         dropped = [ahead.parts[i].get_column("alert_id") for i in ahead.parts if i not in kept]
         for i in kept:
-            frame, mask = ahead.parts[i], masks[queries[i].entity]
+            frame, mask = ahead.parts[i], kept[i].mask
             if mask is None:
                 unwritten.append(frame)
                 continue
@@ -496,23 +493,21 @@ class Engine:
 
     def _kept_ahead(
         self, views: Views, held: list[str], queries: list[_RuleQuery]
-    ) -> dict[int, pl.Series]:
+    ) -> dict[int, Written]:
         """Per query evaluated ahead for this tick that still applies: the rows written since
-        (to evaluate again). It applies when the instant, the held
-        instances and the rows' positions (no instance dropped) are those it was evaluated
-        with, the table is the one its journal leads to, and, for a query reading the VMs'
-        links, the link sums and figures are too."""
+        (to evaluate again). It applies when the instant and the held instances are those it
+        was evaluated with, the table is the one its journal leads to (so no instance was
+        dropped: that replaces the tables), and, for a query reading the VMs' links, the link
+        sums and figures are too."""
         ahead = self._ahead
         if ahead is None or ahead.now_ms != views.now_ms or ahead.held != tuple(held):
             return {}
-        if ahead.generation != self._generation:
-            return {}
         links_same: bool | None = None
-        kept: dict[int, pl.Series] = {}
+        kept: dict[int, Written] = {}
         for i in ahead.parts:
             query = queries[i]
             journal = self._journals.get(query.entity)
-            written = journal.written(per_vm_table(self.fleet, query.entity)) if journal is not None else None
+            written = journal.since(per_vm_table(self.fleet, query.entity)) if journal is not None else None
             if written is None:
                 continue
             if query.linked:
@@ -531,17 +526,17 @@ class Engine:
         """How the `vm` view of a tick at `now_ms` finds the rows out of policy from those
         `prepare` found (views.late_rows_since: two passes over every VM saved), if it can."""
         ahead, fleet = self._ahead, self.fleet
-        if ahead is None or ahead.late is None or ahead.now_ms != now_ms or ahead.generation != self._generation:
+        if ahead is None or ahead.late is None or ahead.now_ms != now_ms:
             return None
-        written = []
+        since = []
         for entity in PER_VM:
             journal = self._journals.get(entity)
-            rows = journal.written(per_vm_table(fleet, entity)) if journal is not None else None
-            if rows is None:
+            written = journal.since(per_vm_table(fleet, entity)) if journal is not None else None
+            if written is None:
                 return None
-            written.append(rows)
-        earlier = ahead.late
-        return lambda: late_rows_since(earlier, fleet, now_ms, (written[0], written[1]))
+            since.append(written)
+        earlier, (rep, bk) = ahead.late, since
+        return lambda: late_rows_since(earlier, fleet, now_ms, (rep.rows, bk.rows), (rep.mask, bk.mask))
 
     def _rule_queries(self, views: Views) -> list[_RuleQuery]:
         """The queries of a tick (made once: a rule's reads may need a view's schema)."""

@@ -803,14 +803,19 @@ def late_rows(state: FleetState, now_ms: int, among: LateRows | None = None) -> 
     return replicas, backups
 
 
-def late_rows_since(earlier: LateRows, state: FleetState, now_ms: int, written: LateRows) -> LateRows:
+def late_rows_since(
+    earlier: LateRows,
+    state: FleetState,
+    now_ms: int,
+    written: LateRows,
+    masks: tuple[pl.Series | None, pl.Series | None],
+) -> LateRows:
     """`late_rows(state, now_ms)` from `earlier`, the late rows at `now_ms` of an earlier
-    version of `state` that differs from it only in the rows `written` (per table) since:
-    those are evaluated again, the others are taken as they were."""
+    version of `state` that differs from it only in the rows `written` (per table; `masks`:
+    `written_mask` of them) since: those are evaluated again, the others are taken as they were."""
     fresh = late_rows(state, now_ms, written)
     out = []
-    for before, rows, found, height in zip(earlier, written, fresh, (state.replication.height, state.backup.height)):
-        mask = written_mask(height, rows)
+    for before, found, mask in zip(earlier, fresh, masks):
         out.append(before if mask is None else pl.concat([before.filter(~mask.gather(before)), found]).sort())
     return out[0], out[1]
 

@@ -419,6 +419,11 @@ def test_exposition_parses_and_passes_promtool(result: TickResult) -> None:
 
 REPLICATION = ("hci_cluster", "target", "technology", "vm")
 PER_VM = ("hci_cluster", "vm")
+def _histogram(name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The samples of a histogram without labels of its own."""
+    return {f"{name}_bucket": ("histogram", ("le",)), f"{name}_count": ("histogram", ()), f"{name}_sum": ("histogram", ())}
+
+
 # metric (sample) name -> (family type in the text format, label names)
 CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "rpowatch_replication_last_recovery_point_timestamp_seconds": ("gauge", REPLICATION),
@@ -442,9 +447,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "rpowatch_events_invalid_total": ("counter", ("reason", "stream")),
     "rpowatch_source_up": ("gauge", ("source",)),
     "rpowatch_source_last_event_timestamp_seconds": ("gauge", ("source",)),
-    "rpowatch_evaluation_duration_seconds_bucket": ("histogram", ("le",)),
-    "rpowatch_evaluation_duration_seconds_count": ("histogram", ()),
-    "rpowatch_evaluation_duration_seconds_sum": ("histogram", ()),
+    **_histogram("rpowatch_evaluation_duration_seconds"),
     "rpowatch_alertmanager_notifications_total": ("counter", ("url",)),
     "rpowatch_alertmanager_notifications_failed_total": ("counter", ("url",)),
     "rpowatch_build_info": ("gauge", ("version",)),
@@ -458,9 +461,7 @@ BEYOND_CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "rpowatch_cluster_failover_test_overdue_vms": ("gauge", ("hci_cluster",)),
     "rpowatch_cluster_restore_test_overdue_vms": ("gauge", ("hci_cluster",)),
     "rpowatch_export_omitted_vms": ("gauge", ("view",)),
-    "rpowatch_evaluation_prepare_duration_seconds_bucket": ("histogram", ("le",)),
-    "rpowatch_evaluation_prepare_duration_seconds_count": ("histogram", ()),
-    "rpowatch_evaluation_prepare_duration_seconds_sum": ("histogram", ()),
+    **_histogram("rpowatch_evaluation_prepare_duration_seconds"),
 }
 
 
